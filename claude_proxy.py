@@ -1,0 +1,1758 @@
+#!/usr/bin/env python3
+"""claude-code-proxy: the Anthropic Messages API in front of any OpenAI-compatible provider.
+
+One file, Python 3.8+ standard library only. It accepts ``POST /v1/messages`` (streaming and
+not) as sent by Claude Code and the Anthropic SDKs, translates it to ``POST
+{OPENAI_BASE_URL}/chat/completions``, and translates the answer back: text, tool calls,
+reasoning, stop reasons, usage and errors.
+
+Run it::
+
+    OPENAI_API_KEY=sk-... python3 claude_proxy.py
+    ANTHROPIC_BASE_URL=http://127.0.0.1:8082 ANTHROPIC_API_KEY=x claude
+
+Settings come from flags, then the environment, then a ``.env`` file in the working
+directory (the first that sets a value wins); ``python3 claude_proxy.py --help`` lists them,
+and the table is the ``Settings`` class below.
+
+Routes: ``POST /v1/messages`` (any query string), ``POST /v1/messages/count_tokens``,
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET``/``HEAD`` ``/`` and ``/health``.
+
+Layout (each section under a banner; data flows down the list once):
+Configuration, Errors, Request (to_openai), Response (to_anthropic), Stream
+(StreamTranslator, encode_sse), Tokens, Upstream I/O, HTTP server, Command line.
+Nothing above "Upstream I/O" touches sockets, the environment, the clock or random ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import dataclasses
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("claude_proxy")
+
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+# Every setting is one field below: its environment variable, its default and its help text.
+# The command-line flag is the field name with dashes (--big-model). Precedence: flag, then the
+# real environment, then the .env file, then the default.
+
+
+def _setting(default: Any, env: str, help: str, aliases: Tuple[str, ...] = ()) -> Any:
+    return dataclasses.field(default=default, metadata={"env": env, "help": help, "aliases": aliases})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    openai_api_key: str = _setting("", "OPENAI_API_KEY", "key sent upstream as Authorization: Bearer")
+    openai_base_url: str = _setting(
+        "https://api.openai.com/v1", "OPENAI_BASE_URL",
+        "upstream base URL; /chat/completions is appended", aliases=("OPENAI_API_BASE",))
+    anthropic_api_key: str = _setting(
+        "", "ANTHROPIC_API_KEY", "if set, clients must send this key (x-api-key or Bearer)")
+    big_model: str = _setting("gpt-4o", "BIG_MODEL", "upstream model for names containing 'opus'")
+    middle_model: str = _setting(
+        "", "MIDDLE_MODEL", "upstream model for names containing 'sonnet' (default: BIG_MODEL)")
+    small_model: str = _setting("gpt-4o-mini", "SMALL_MODEL", "upstream model for names containing 'haiku'")
+    host: str = _setting("127.0.0.1", "HOST", "address to listen on")
+    port: int = _setting(8082, "PORT", "port to listen on (0 picks a free one)")
+    log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
+    max_tokens_limit: int = _setting(0, "MAX_TOKENS_LIMIT", "cap on max_tokens sent upstream (0: none)")
+    request_timeout: float = _setting(
+        600.0, "REQUEST_TIMEOUT", "seconds to wait for the upstream to answer or send more")
+    connect_timeout: float = _setting(10.0, "CONNECT_TIMEOUT", "seconds to open an upstream connection")
+    ping_interval: float = _setting(
+        5.0, "PING_INTERVAL", "seconds of upstream silence before a stream gets a ping")
+
+    @property
+    def middle(self) -> str:
+        return self.middle_model or self.big_model
+
+
+SETTING_FIELDS = dataclasses.fields(Settings)
+_CONVERTERS: Dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
+
+
+def parse_dotenv(text: str) -> Dict[str, str]:
+    """KEY=VALUE lines; `export ` prefixes, comments and surrounding quotes are allowed."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, value = line.split("=", 1)
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="claude-code-proxy",
+        description="Anthropic Messages API proxy for OpenAI-compatible providers.")
+    for f in SETTING_FIELDS:
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.metadata["env"],
+            help="%s (default: %r)" % (f.metadata["help"], f.default))
+    parser.add_argument("--env-file", default=".env", help="the .env file to read (default: .env)")
+    parser.add_argument("--check", action="store_true",
+                        help="print the effective settings (keys masked) and exit")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def load_settings(environ: Dict[str, str], argv: List[str], dotenv_text: str = "") -> Settings:
+    """Settings from flags, then `environ`, then the .env text. Raises ValueError on bad values."""
+    args = build_arg_parser().parse_args(argv)
+    dotenv = parse_dotenv(dotenv_text)
+    values = {}
+    for f in SETTING_FIELDS:
+        raw = getattr(args, f.name)
+        if raw is None:
+            for name in (f.metadata["env"],) + f.metadata["aliases"]:
+                raw = environ.get(name)
+                if raw is None:
+                    raw = dotenv.get(name)
+                if raw is not None:
+                    break
+        if raw is None or (raw == "" and f.type != "str"):
+            continue
+        try:
+            values[f.name] = _CONVERTERS[f.type](raw)
+        except ValueError:
+            raise ValueError("%s must be a %s, got %r" % (f.metadata["env"], f.type, raw)) from None
+    return Settings(**values)
+
+
+def describe_settings(settings: Settings) -> str:
+    """One line per setting, secrets masked: for --check and the debug log."""
+    lines = []
+    for f in SETTING_FIELDS:
+        value = getattr(settings, f.name)
+        if f.name.endswith("api_key"):
+            value = ("set (%d characters)" % len(value)) if value else "not set"
+        lines.append("%-18s %s" % (f.metadata["env"], value))
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+# ProxyError is raised anywhere and turned into a response in exactly one place (the handler):
+# an HTTP error before a stream has started, an `event: error` after. The Anthropic SDKs retry
+# 408/409/429/5xx and Claude Code retries on top of them, so a fault that a retry cannot fix
+# is never a 5xx and carries `x-should-retry: false`.
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, error_type: str, message: str,
+                 headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = dict(headers or {})
+        if status < 500 and status not in (408, 409, 429):
+            self.headers.setdefault("x-should-retry", "false")
+
+
+def error_body(error_type: str, message: str) -> Dict[str, Any]:
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+# upstream HTTP status -> (status for the client, Anthropic error type)
+UPSTREAM_STATUS_TO_ERROR = {
+    400: (400, "invalid_request_error"),
+    401: (401, "authentication_error"),
+    402: (402, "billing_error"),
+    403: (403, "permission_error"),
+    404: (404, "not_found_error"),
+    408: (408, "timeout_error"),
+    409: (409, "api_error"),
+    413: (413, "request_too_large"),
+    422: (400, "invalid_request_error"),
+    429: (429, "rate_limit_error"),
+    500: (500, "api_error"),
+    502: (502, "api_error"),
+    503: (529, "overloaded_error"),
+    504: (504, "timeout_error"),
+    529: (529, "overloaded_error"),
+}
+
+# Anthropic error types for an error object an upstream sends inside a 200 stream
+STREAM_ERROR_CODES = {429: "rate_limit_error", "rate_limit_exceeded": "rate_limit_error",
+                      503: "overloaded_error", 529: "overloaded_error", "overloaded": "overloaded_error"}
+
+
+def upstream_error_message(payload: Any, fallback: str) -> str:
+    """The human message in an upstream error body: OpenAI's {"error": {...}}, Gemini's list
+    of those, {"message"}, {"detail"}, or the first 300 characters of an HTML or text page."""
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    if isinstance(payload, dict):
+        inner = payload.get("error", payload)
+        if isinstance(inner, str):
+            return inner
+        if isinstance(inner, dict):
+            message = inner.get("message") or inner.get("detail") or inner.get("msg")
+            if isinstance(message, str) and message:
+                failed = inner.get("failed_generation")
+                # Groq: a malformed tool call comes back as 400 tool_use_failed with the text.
+                return message + ("\nfailed_generation: " + failed if isinstance(failed, str) else "")
+            return json.dumps(inner)[:300]
+    text = re.sub(r"<[^>]+>", " ", str(payload if payload is not None else fallback))
+    return " ".join(text.split())[:300] or fallback
+
+
+def upstream_error(status: int, body: bytes, retry_after: Optional[str]) -> ProxyError:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = body.decode("utf-8", "replace")
+    message = upstream_error_message(payload, "upstream returned HTTP %d" % status)
+    if status in UPSTREAM_STATUS_TO_ERROR:
+        client_status, error_type = UPSTREAM_STATUS_TO_ERROR[status]
+    elif status >= 500:
+        client_status, error_type = 502, "api_error"
+    else:
+        client_status, error_type = 400, "invalid_request_error"
+    headers = {"retry-after": retry_after} if retry_after else {}
+    error = ProxyError(client_status, error_type, "upstream: " + message, headers)
+    # OpenAI's "insufficient_quota" is a 429 that no retry fixes.
+    if status == 429 and "quota" in message.lower():
+        error.headers["x-should-retry"] = "false"
+    return error
+
+
+# =============================================================================================
+# Request: Anthropic Messages request -> Chat Completions request (pure)
+# =============================================================================================
+# Rules:
+# - `system` (string or text blocks) becomes the first message, the blocks joined by a blank
+#   line. Claude Code's first block, `x-anthropic-billing-header: cc_version=...`, changes on
+#   every request and would defeat the upstream's prefix cache, so it is left out.
+# - A `system` message inside `messages` (Claude Code's mid-conversation system messages) becomes
+#   user text at its place, wrapped in <system-reminder>, merged into the neighbouring user turn:
+#   many chat templates reject a second system message.
+# - An assistant turn becomes one message: text joined, `tool_use` -> `tool_calls`.
+# - A user turn's `tool_result`s become `tool` messages first, in the order of the calls of the
+#   assistant message before them; a call with no result gets a synthetic one (the upstream
+#   rejects a call left unanswered), a result with no call becomes user text. The turn's other
+#   blocks (text, images, and images from inside tool results, which `tool` messages cannot
+#   carry) follow as one user message.
+# - Consecutive user messages are merged; text-only content is sent as a string.
+# - Fields with no counterpart (top_k, metadata, cache_control, thinking, output_config,
+#   context_management, service_tier, ...) are ignored.
+
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+INTERRUPTED_RESULT = "[The tool call was interrupted; it produced no result.]"
+IMAGE_IN_NEXT_MESSAGE = "[image attached in the next message]"
+
+
+def map_model(model: str, settings: Settings) -> str:
+    """haiku -> SMALL_MODEL, sonnet -> MIDDLE_MODEL, opus -> BIG_MODEL; other names unchanged."""
+    lower = model.lower()
+    if "haiku" in lower:
+        return settings.small_model
+    if "sonnet" in lower:
+        return settings.middle
+    if "opus" in lower:
+        return settings.big_model
+    return model
+
+
+def _invalid(message: str) -> ProxyError:
+    return ProxyError(400, "invalid_request_error", message)
+
+
+def _blocks(content: Any, where: str) -> List[Dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list) and all(isinstance(b, dict) for b in content):
+        return content
+    raise _invalid("%s: content must be a string or a list of content blocks" % where)
+
+
+def text_of(content: Any) -> str:
+    """The text of a string or a list of blocks (non-text blocks skipped), joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b["text"] for b in content
+                         if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str))
+    return ""
+
+
+def _text_part(text: str) -> Dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def _image_part(block: Dict[str, Any], where: str) -> Dict[str, Any]:
+    source = block.get("source") or {}
+    kind = source.get("type")
+    if kind == "base64":
+        url = "data:%s;base64,%s" % (source.get("media_type") or "image/png", source.get("data") or "")
+    elif kind == "url" and source.get("url"):
+        url = source["url"]
+    else:
+        raise _invalid("%s: image source type %r is not supported (use base64 or url)" % (where, kind))
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _document_parts(block: Dict[str, Any], where: str) -> List[Dict[str, Any]]:
+    source = block.get("source") or {}
+    kind = source.get("type")
+    title = block.get("title")
+    heading = [_text_part("Document: %s" % title)] if title else []
+    if kind == "text":
+        return heading + [_text_part(source.get("data") or "")]
+    if kind == "content":
+        return heading + [_text_part(text_of(source.get("content")))]
+    if kind == "base64" and source.get("media_type") == "application/pdf":
+        return [{"type": "file", "file": {
+            "filename": (title or "document") + ".pdf",
+            "file_data": "data:application/pdf;base64,%s" % (source.get("data") or "")}}]
+    raise _invalid("%s: document source %r (%s) is not supported; send base64 PDF or text"
+                   % (where, kind, source.get("media_type")))
+
+
+def _search_result_text(block: Dict[str, Any]) -> str:
+    lines = [block.get("title") or "", str(block.get("source") or ""), text_of(block.get("content"))]
+    return "\n".join(line for line in lines if line)
+
+
+def _user_block_parts(block: Dict[str, Any], where: str) -> List[Dict[str, Any]]:
+    """OpenAI content parts for one user block other than tool_result (table below)."""
+    handler = USER_BLOCK_PARTS.get(block.get("type"))
+    if handler is None:
+        # Server-tool results and blocks we do not know: keep any text they carry, so
+        # nothing the model should see is dropped without a trace.
+        text = block.get("text") or text_of(block.get("content"))
+        if text:
+            return [_text_part(text)]
+        log.warning("dropped a %r block the upstream cannot take", block.get("type"))
+        return []
+    return handler(block, where)
+
+
+USER_BLOCK_PARTS: Dict[str, Callable[[Dict[str, Any], str], List[Dict[str, Any]]]] = {
+    "text": lambda b, w: [_text_part(b["text"])] if isinstance(b.get("text"), str) and b["text"] else [],
+    "image": lambda b, w: [_image_part(b, w)],
+    "document": _document_parts,
+    "search_result": lambda b, w: [_text_part(_search_result_text(b))],
+    "thinking": lambda b, w: [],
+    "redacted_thinking": lambda b, w: [],
+}
+
+
+def _tool_result(block: Dict[str, Any], where: str) -> Tuple[str, List[Dict[str, Any]]]:
+    """(text for the tool message, image parts that must travel in a user message)."""
+    content = block.get("content")
+    if content is None or isinstance(content, str):
+        text, images = content or "", []
+    else:
+        texts, images = [], []
+        for part in _blocks(content, where):
+            for converted in _user_block_parts(part, where):
+                if converted["type"] == "text":
+                    texts.append(converted["text"])
+                else:
+                    images.append(converted)
+        if images:
+            texts.append(IMAGE_IN_NEXT_MESSAGE)
+        text = "\n".join(texts)
+    if block.get("is_error") and not text.lstrip().lower().startswith(("error", "<tool_use_error>")):
+        text = "Error: " + text
+    return text, images
+
+
+def _tool_call(block: Dict[str, Any]) -> Dict[str, Any]:
+    arguments = block.get("input")
+    return {"id": block.get("id") or "", "type": "function", "function": {
+        "name": block.get("name") or "",
+        "arguments": json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)}}
+
+
+def _assistant_message(content: Any, where: str) -> Optional[Dict[str, Any]]:
+    texts, calls = [], []
+    for block in _blocks(content, where):
+        kind = block.get("type")
+        if kind == "text":
+            if block.get("text"):
+                texts.append(block["text"])
+        elif kind == "tool_use":
+            calls.append(_tool_call(block))
+        elif kind in ("thinking", "redacted_thinking", "server_tool_use"):
+            continue  # dropped: reasoning is not replayed; server tools cannot run upstream
+        else:
+            texts.extend(p["text"] for p in _user_block_parts(block, where) if p["type"] == "text")
+    if not texts and not calls:
+        return None
+    message: Dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) if texts else None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _append_user(messages: List[Dict[str, Any]], parts: List[Dict[str, Any]]) -> None:
+    """Add user parts, merged into the last message when that is a user message already."""
+    if not parts:
+        return
+    if messages and messages[-1]["role"] == "user":
+        messages[-1] = {"role": "user", "content": messages[-1]["content"] + parts}
+    else:
+        messages.append({"role": "user", "content": list(parts)})
+
+
+def _answer_calls(messages: List[Dict[str, Any]], pending: List[str],
+                  results: Dict[str, str]) -> None:
+    """One tool message per pending call, in call order; unanswered calls get a synthetic one."""
+    for call_id in pending:
+        if call_id not in results:
+            log.debug("history repair: tool call %s had no result", call_id)
+        messages.append({"role": "tool", "tool_call_id": call_id,
+                         "content": results.get(call_id, INTERRUPTED_RESULT)})
+
+
+def _system_reminder(text: str) -> str:
+    if text.lstrip().startswith("<system-reminder>"):
+        return text
+    return "<system-reminder>\n%s\n</system-reminder>" % text
+
+
+def convert_messages(messages: List[Any]) -> List[Dict[str, Any]]:
+    """Anthropic `messages` -> OpenAI messages (the leading system message is added elsewhere)."""
+    out: List[Dict[str, Any]] = []
+    pending: List[str] = []        # tool call ids of the last assistant message, not yet answered
+    for position, message in enumerate(messages):
+        where = "messages.%d" % position
+        if not isinstance(message, dict):
+            raise _invalid("%s: must be an object" % where)
+        role, content = message.get("role"), message.get("content")
+        if role == "assistant":
+            if pending:
+                _answer_calls(out, pending, {})
+            converted = _assistant_message(content, where)
+            pending = [c["id"] for c in converted.get("tool_calls", ())] if converted else []
+            if converted:
+                out.append(converted)
+        elif role == "user":
+            results: Dict[str, str] = {}
+            orphans: List[Dict[str, Any]] = []
+            images: List[Dict[str, Any]] = []
+            parts: List[Dict[str, Any]] = []
+            for block in _blocks(content, where):
+                if block.get("type") == "tool_result":
+                    text, result_images = _tool_result(block, where)
+                    call_id = block.get("tool_use_id") or ""
+                    images.extend(result_images)
+                    if call_id in pending and call_id not in results:
+                        results[call_id] = text
+                    else:
+                        log.debug("history repair: tool result %s has no call before it", call_id)
+                        orphans.append(_text_part("[Result of tool call %s]\n%s" % (call_id, text)))
+                else:
+                    parts.extend(_user_block_parts(block, where))
+            if pending:
+                _answer_calls(out, pending, results)
+                pending = []
+            _append_user(out, orphans + images + parts)
+        elif role == "system":
+            text = text_of(content)
+            if text:
+                if pending:        # keep the tool messages right after their calls
+                    _answer_calls(out, pending, {})
+                    pending = []
+                _append_user(out, [_text_part(_system_reminder(text))])
+        else:
+            raise _invalid("%s: role must be 'user', 'assistant' or 'system', got %r" % (where, role))
+    for message in out:
+        if message["role"] == "user":
+            content = message["content"]
+            if all(part["type"] == "text" for part in content):
+                message["content"] = "\n\n".join(part["text"] for part in content)
+    return out
+
+
+def _system_text(system: Any) -> str:
+    if isinstance(system, str):
+        return system
+    if isinstance(system, list):
+        return "\n\n".join(
+            b["text"] for b in system
+            if isinstance(b, dict) and isinstance(b.get("text"), str) and b["text"]
+            and not b["text"].startswith(BILLING_HEADER_PREFIX))
+    return ""
+
+
+def _function_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
+    function = {"name": tool["name"],
+                "parameters": tool.get("input_schema") or {"type": "object", "properties": {}}}
+    if tool.get("description"):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: Dict[str, Any]) -> Any:
+    kind = choice.get("type")
+    if kind == "tool":
+        return {"type": "function", "function": {"name": choice.get("name") or ""}}
+    return TOOL_CHOICE.get(kind, "auto")
+
+
+TOOL_CHOICE = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def validate_request(request: Any) -> Dict[str, Any]:
+    """The checks Anthropic makes that we must make too, as 400s."""
+    if not isinstance(request, dict):
+        raise _invalid("the request body must be a JSON object")
+    if not isinstance(request.get("model"), str) or not request["model"]:
+        raise _invalid("model: a model name is required")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages: at least one message is required")
+    max_tokens = request.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                   or max_tokens < 1):
+        raise _invalid("max_tokens: must be a positive integer")
+    tools = request.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise _invalid("tools: must be a list of tool objects")
+    return request
+
+
+def to_openai(request: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
+    """A validated Anthropic Messages request -> a Chat Completions request (a new dict)."""
+    messages = convert_messages(request["messages"])
+    system = _system_text(request.get("system"))
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    body: Dict[str, Any] = {"model": map_model(request["model"], settings), "messages": messages}
+
+    max_tokens = request.get("max_tokens")
+    if max_tokens is not None:
+        if settings.max_tokens_limit:
+            max_tokens = min(max_tokens, settings.max_tokens_limit)
+        body["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p"):
+        if request.get(name) is not None:
+            body[name] = request[name]
+    stop = request.get("stop_sequences")
+    if stop:
+        body["stop"] = list(stop[:4])   # OpenAI takes at most 4
+    if request.get("stream"):
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+
+    tools = []
+    for tool in request.get("tools") or ():
+        if tool.get("type") not in (None, "custom") or not tool.get("name"):
+            # Server tools (web_search_20250305, ...) run at Anthropic only.
+            log.info("server tool %r dropped: the upstream cannot run it", tool.get("type"))
+            continue
+        tools.append(_function_tool(tool))
+    choice = request.get("tool_choice")
+    if tools:
+        body["tools"] = tools
+        if isinstance(choice, dict):
+            body["tool_choice"] = _tool_choice(choice)
+            if choice.get("disable_parallel_tool_use") and choice.get("type") != "none":
+                body["parallel_tool_calls"] = False
+    return body
+
+
+# =============================================================================================
+# Response: Chat Completion -> Anthropic message (pure)
+# =============================================================================================
+# Rules:
+# - Reasoning (`reasoning_content` or `reasoning`) becomes a `thinking` block first, then the
+#   text, then one `tool_use` block per call (id kept, generated when missing).
+# - Tool arguments: an object is taken as is; "" is {}; invalid JSON is repaired leniently
+#   (code fences, trailing commas, Python-style quotes). If repair fails the call is still
+#   returned, with the raw text under "_raw_arguments": the call keeps its place in the
+#   history and Claude Code answers it with a validation error the model can act on, instead
+#   of the arguments vanishing into a silent {}.
+# - finish_reason -> stop_reason by the table; any tool call means `tool_use` (providers send
+#   "stop" after tool calls), except `length`, which stays `max_tokens`.
+# - Usage: cached prompt tokens are reported as cache_read_input_tokens, not in input_tokens.
+
+FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                  "function_call": "tool_use", "content_filter": "refusal"}
+THINKING_SIGNATURE = "claude-code-proxy"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseContext:
+    """What translating an answer back needs to know about the request."""
+    model: str                                  # the model name the client asked for
+    message_id: str
+    stop_sequences: Tuple[str, ...] = ()
+    input_tokens: int = 0                       # estimate, until the upstream reports usage
+
+
+def _repair_json(raw: str) -> Any:
+    text = raw.strip()
+    if text.startswith("```"):
+        text = text.strip("`")
+        if text.startswith("json"):
+            text = text[4:]
+    text = re.sub(r",\s*([}\]])", r"\1", text)
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def parse_tool_arguments(arguments: Any) -> Dict[str, Any]:
+    if isinstance(arguments, dict):
+        return arguments
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        return {}
+    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = _repair_json(raw)
+    if isinstance(parsed, dict):
+        return parsed
+    log.warning("tool arguments are not a JSON object; passing them on as _raw_arguments")
+    return {"_raw_arguments": raw}
+
+
+def usage_to_anthropic(usage: Optional[Dict[str, Any]], estimate: int = 0) -> Dict[str, int]:
+    usage = usage or {}
+    prompt = usage.get("prompt_tokens")
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
+    if not isinstance(prompt, int):
+        prompt, cached = estimate, 0
+    return {"input_tokens": max(prompt - cached, 0),
+            "output_tokens": usage.get("completion_tokens") or 0,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached}
+
+
+def stop_reason_for(finish_reason: Optional[str], has_tool_calls: bool, text_tail: str,
+                    stop_sequences: Tuple[str, ...], matched: Any = None) -> Tuple[str, Optional[str]]:
+    """(stop_reason, stop_sequence). `matched` is vLLM's choice.stop_reason, when sent."""
+    if finish_reason == "length":
+        return "max_tokens", None
+    if has_tool_calls:
+        return "tool_use", None
+    reason = FINISH_TO_STOP.get(finish_reason or "stop", "end_turn")
+    if reason == "end_turn" and stop_sequences:
+        if isinstance(matched, str) and matched in stop_sequences:
+            return "stop_sequence", matched
+        for sequence in stop_sequences:
+            if sequence and text_tail.endswith(sequence):
+                return "stop_sequence", sequence
+    return reason, None
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):       # some servers answer with a list of text parts
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return ""
+
+
+def _reasoning_of(message: Dict[str, Any]) -> str:
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    return reasoning if isinstance(reasoning, str) else ""
+
+
+def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
+                 new_tool_id: Callable[[], str]) -> Dict[str, Any]:
+    """A Chat Completion -> an Anthropic message. Raises ProxyError for an unusable answer."""
+    if completion.get("error"):
+        raise ProxyError(502, "api_error", "upstream: " + upstream_error_message(completion, "error"))
+    choices = completion.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ProxyError(502, "api_error", "upstream answer has no choices")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    content: List[Dict[str, Any]] = []
+    reasoning = _reasoning_of(message)
+    if reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": THINKING_SIGNATURE})
+    text = _content_text(message.get("content"))
+    calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
+    stop_reason, stop_sequence = stop_reason_for(
+        choice.get("finish_reason"), bool(calls), text, ctx.stop_sequences, choice.get("stop_reason"))
+    if stop_sequence and text.endswith(stop_sequence):
+        text = text[:-len(stop_sequence)]
+    if text:
+        content.append({"type": "text", "text": text})
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        content.append({"type": "text", "text": refusal})
+        stop_reason = "refusal"
+    for call in calls:
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id") or new_tool_id(),
+                        "name": function.get("name") or "",
+                        "input": parse_tool_arguments(function.get("arguments"))})
+    return {"id": ctx.message_id, "type": "message", "role": "assistant", "model": ctx.model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": usage_to_anthropic(completion.get("usage"), ctx.input_tokens)}
+
+
+# =============================================================================================
+# Stream: Chat Completion chunks -> Anthropic events (a pure state machine)
+# =============================================================================================
+
+
+class _ToolCall:
+    __slots__ = ("id", "name", "block", "pending", "arguments", "sent")
+
+    def __init__(self, call_id: str, name: str) -> None:
+        self.id = call_id
+        self.name = name
+        self.block: Optional[int] = None    # its content block index once opened
+        self.pending: List[str] = []        # argument fragments not yet sent
+        self.arguments: List[str] = []      # every fragment, to tell when the JSON is complete
+        self.sent = False                   # a non-empty fragment went out
+
+
+def _complete_json(fragments: List[str]) -> bool:
+    try:
+        json.loads("".join(fragments))
+        return True
+    except ValueError:
+        return False
+
+
+class StreamTranslator:
+    """Parsed Chat Completion chunks in, Anthropic SSE events (dicts) out. No I/O.
+
+    ``start()`` gives message_start and a ping; ``feed(chunk)`` the events one chunk causes;
+    ``finish(saw_done)`` the closing events at ``[DONE]`` or end of stream; ``fail(type, msg)``
+    an ``error`` event. After finish or fail, ``ended`` is true and nothing more comes out.
+
+    The state is ``self.open``, the kind of the one open content block::
+
+                      reasoning             content              tool call
+        message_start ─────────▶ thinking ─────────▶ text ─────────────▶ tool ─┐
+              │          ▲                            ▲                    ▲    │ next call
+              └──────────┴────── (None) ──────────────┴────────────────────┴────┘
+        any state ── finish ──▶ close the open block, message_delta, message_stop
+        any state ── error chunk / no finish_reason / fail ──▶ error (no message_stop)
+
+    Opening a block closes the open one (thinking closes with a signature_delta; a tool call
+    that sent no arguments gets "{}"), so exactly one block is open and indices go 0, 1, 2.
+    Tool calls are keyed by their `index`; a fragment with no index belongs to the last call,
+    and a fragment whose id differs from the call at its index starts a new call (Gemini sends
+    parallel calls all at index 0). Fragments of the open call go out as they arrive. A call
+    that starts while another is still open (interleaved parallel calls) waits, its fragments
+    buffered, until the open call's arguments form complete JSON or the stream ends.
+    """
+
+    def __init__(self, ctx: ResponseContext, new_tool_id: Callable[[], str]) -> None:
+        self.ctx = ctx
+        self.new_tool_id = new_tool_id
+        self.open: Optional[str] = None          # None, "thinking", "text" or "tool"
+        self.next_index = 0
+        self.current: Optional[_ToolCall] = None  # the open tool call
+        self.calls: List[_ToolCall] = []
+        self.calls_by_index: Dict[Any, _ToolCall] = {}
+        self.waiting: List[_ToolCall] = []         # calls not yet opened
+        self.finish_reason: Optional[str] = None
+        self.matched_stop: Any = None
+        self.usage: Optional[Dict[str, Any]] = None
+        self.text_tail = ""
+        self.tail_length = max((len(s) for s in ctx.stop_sequences), default=0)
+        self.output_chars = 0
+        self.ended = False
+
+    # -- events ---------------------------------------------------------------------------
+
+    def start(self) -> List[Dict[str, Any]]:
+        usage = {"input_tokens": self.ctx.input_tokens, "output_tokens": 0,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        return [{"type": "message_start", "message": {
+            "id": self.ctx.message_id, "type": "message", "role": "assistant",
+            "model": self.ctx.model, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": usage}}, {"type": "ping"}]
+
+    def feed(self, chunk: Dict[str, Any]) -> List[Dict[str, Any]]:
+        if self.ended:
+            return []
+        error = chunk.get("error")
+        if error:
+            code = error.get("code") if isinstance(error, dict) else None
+            return self.fail(STREAM_ERROR_CODES.get(code, "api_error"),
+                             "upstream: " + upstream_error_message(chunk, "error in stream"))
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage               # cumulative when sent on every chunk: keep the last
+        choices = chunk.get("choices")
+        if not choices:
+            return []                        # usage chunk; Azure's prompt_filter_results chunk
+        choice = choices[0]
+        delta = choice.get("delta")
+        events: List[Dict[str, Any]] = []
+        if delta:
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                self._thinking(reasoning, events)
+            content = delta.get("content")
+            if content:
+                self._text(content if isinstance(content, str) else _content_text(content), events)
+            for fragment in delta.get("tool_calls") or ():
+                self._tool_fragment(fragment, events)
+        finish_reason = choice.get("finish_reason")
+        if finish_reason:
+            self.finish_reason = finish_reason
+            self.matched_stop = choice.get("stop_reason")
+        return events
+
+    def finish(self, saw_done: bool) -> List[Dict[str, Any]]:
+        """Closing events at the end of the upstream stream (`saw_done`: it sent [DONE])."""
+        if self.ended:
+            return []
+        if self.finish_reason == "error":
+            return self.fail("api_error", "upstream ended the answer with finish_reason 'error'")
+        if self.finish_reason is None and not saw_done:
+            # A cut connection must not look like a finished answer: that would poison the
+            # conversation with a truncated turn.
+            return self.fail("api_error", "upstream stream ended before the answer was complete")
+        events: List[Dict[str, Any]] = []
+        self._close(events)
+        for call in self.waiting:
+            self._open_tool(call, events)
+            self._close(events)
+        self.waiting = []
+        stop_reason, stop_sequence = stop_reason_for(
+            self.finish_reason, bool(self.calls), self.text_tail, self.ctx.stop_sequences,
+            self.matched_stop)
+        if self.usage:
+            usage = usage_to_anthropic(self.usage)
+        else:
+            usage = usage_to_anthropic(None, self.ctx.input_tokens)
+            usage["output_tokens"] = max(self.output_chars // 4, 1)
+        events.append({"type": "message_delta",
+                       "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                       "usage": usage})
+        events.append({"type": "message_stop"})
+        self.ended = True
+        return events
+
+    def fail(self, error_type: str, message: str) -> List[Dict[str, Any]]:
+        if self.ended:
+            return []
+        self.ended = True
+        return [{"type": "error", "error": {"type": error_type, "message": message}}]
+
+    # -- transitions ----------------------------------------------------------------------
+
+    def _open(self, kind: str, content_block: Dict[str, Any], events: List[Dict[str, Any]]) -> int:
+        self._close(events)
+        index = self.next_index
+        self.next_index += 1
+        self.open = kind
+        events.append({"type": "content_block_start", "index": index, "content_block": content_block})
+        return index
+
+    def _close(self, events: List[Dict[str, Any]]) -> None:
+        if self.open is None:
+            return
+        index = self.next_index - 1
+        if self.open == "thinking":
+            events.append({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "signature_delta", "signature": THINKING_SIGNATURE}})
+        elif self.open == "tool":
+            if not self.current.sent:
+                # The arguments must add up to a JSON object; a call without any is {}.
+                events.append({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "input_json_delta", "partial_json": "{}"}})
+            self.current = None
+        events.append({"type": "content_block_stop", "index": index})
+        self.open = None
+
+    def _thinking(self, text: str, events: List[Dict[str, Any]]) -> None:
+        if self.open != "thinking":
+            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, events)
+        self.output_chars += len(text)
+        events.append({"type": "content_block_delta", "index": self.next_index - 1,
+                       "delta": {"type": "thinking_delta", "thinking": text}})
+
+    def _text(self, text: str, events: List[Dict[str, Any]]) -> None:
+        if not text:
+            return
+        if self.open != "text":
+            self._open("text", {"type": "text", "text": ""}, events)
+        self.output_chars += len(text)
+        if self.tail_length:
+            self.text_tail = (self.text_tail + text)[-self.tail_length:]
+        events.append({"type": "content_block_delta", "index": self.next_index - 1,
+                       "delta": {"type": "text_delta", "text": text}})
+
+    def _tool_fragment(self, fragment: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
+        index = fragment.get("index")
+        call_id = fragment.get("id") or ""
+        function = fragment.get("function") or {}
+        name = function.get("name") or ""
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = ""
+        elif not isinstance(arguments, str):
+            arguments = json.dumps(arguments)        # some servers send the arguments as an object
+        call = self.calls_by_index.get(index) if index is not None else (
+            self.calls[-1] if self.calls else None)
+        if call is not None and call_id and call.id and call_id != call.id:
+            call = None                              # Gemini: a new call at a repeated index
+        if call is None:
+            call = _ToolCall(call_id or self.new_tool_id(), name)
+            self.calls.append(call)
+            self.waiting.append(call)
+            self.calls_by_index[index] = call
+        elif name and not call.name:
+            call.name = name
+        if arguments:
+            call.arguments.append(arguments)
+            if call is self.current:
+                self._send_arguments(call, arguments, events)
+                return
+            call.pending.append(arguments)
+        if call in self.waiting and call.name and (
+                self.open != "tool" or _complete_json(self.current.arguments)):
+            self.waiting.remove(call)
+            self._open_tool(call, events)
+
+    def _open_tool(self, call: _ToolCall, events: List[Dict[str, Any]]) -> None:
+        call.block = self._open("tool", {"type": "tool_use", "id": call.id, "name": call.name,
+                                         "input": {}}, events)
+        self.current = call
+        if call.pending:
+            self._send_arguments(call, "".join(call.pending), events)
+            call.pending = []
+
+    def _send_arguments(self, call: _ToolCall, arguments: str, events: List[Dict[str, Any]]) -> None:
+        self.output_chars += len(arguments)
+        call.sent = True
+        events.append({"type": "content_block_delta", "index": call.block,
+                       "delta": {"type": "input_json_delta", "partial_json": arguments}})
+
+
+def encode_sse(event: Dict[str, Any]) -> bytes:
+    """One SSE event: `event:` line named after data.type, one `data:` line, blank line."""
+    return ("event: %s\ndata: %s\n\n" % (
+        event["type"], json.dumps(event, ensure_ascii=False, separators=(",", ":")))).encode("utf-8")
+
+
+def message_to_events(message: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The events that stream a finished message (for an upstream that answered a stream
+    request with one JSON body)."""
+    start = dict(message, content=[], stop_reason=None, stop_sequence=None)
+    events: List[Dict[str, Any]] = [{"type": "message_start", "message": start}, {"type": "ping"}]
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        if kind == "text":
+            shell, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        elif kind == "thinking":
+            shell = {"type": "thinking", "thinking": "", "signature": ""}
+            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
+        else:
+            shell = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            delta = {"type": "input_json_delta",
+                     "partial_json": json.dumps(block["input"], ensure_ascii=False)}
+        events.append({"type": "content_block_start", "index": index, "content_block": shell})
+        events.append({"type": "content_block_delta", "index": index, "delta": delta})
+        if kind == "thinking":
+            events.append({"type": "content_block_delta", "index": index, "delta": {
+                "type": "signature_delta", "signature": block["signature"]}})
+        events.append({"type": "content_block_stop", "index": index})
+    events.append({"type": "message_delta", "delta": {
+        "stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+        "usage": message["usage"]})
+    events.append({"type": "message_stop"})
+    return events
+
+
+def assemble_message(events: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
+    """The message a stream of events adds up to, as an SDK accumulates it. Raises ProxyError
+    if the stream carried an error event."""
+    message: Dict[str, Any] = {}
+    partial: Dict[int, List[str]] = {}
+    for event in events:
+        kind = event["type"]
+        if kind == "message_start":
+            message = dict(event["message"], content=[])
+        elif kind == "content_block_start":
+            message["content"].append(dict(event["content_block"]))
+            partial[event["index"]] = []
+        elif kind == "content_block_delta":
+            block, delta = message["content"][event["index"]], event["delta"]
+            field = DELTA_FIELDS[delta["type"]]
+            if field == "input":
+                partial[event["index"]].append(delta["partial_json"])
+            elif field == "signature":
+                block["signature"] = delta["signature"]
+            else:
+                block[field] += delta[field]
+        elif kind == "content_block_stop":
+            block = message["content"][event["index"]]
+            if block["type"] == "tool_use":
+                block["input"] = json.loads("".join(partial[event["index"]]) or "{}")
+        elif kind == "message_delta":
+            message.update(event["delta"])
+            message["usage"] = dict(message.get("usage") or {}, **event["usage"])
+        elif kind == "error":
+            raise ProxyError(502, event["error"]["type"], event["error"]["message"])
+    return message
+
+
+DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "input",
+                "signature_delta": "signature"}
+
+
+# =============================================================================================
+# Tokens
+# =============================================================================================
+# An estimate, used for count_tokens and the input_tokens of message_start (the final
+# message_delta always carries the upstream's real counts).
+
+IMAGE_TOKENS = 1600
+
+
+def _count_chars(value: Any) -> Tuple[int, int]:
+    """(characters of text, number of images) in a content value."""
+    if isinstance(value, str):
+        return len(value), 0
+    chars = images = 0
+    if isinstance(value, list):
+        for block in value:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind in ("image", "document"):
+                images += 1
+            elif kind == "tool_use":
+                chars += len(json.dumps(block.get("input"), ensure_ascii=False)) + len(block.get("name") or "")
+            else:
+                c, i = _count_chars(block.get("text") if "text" in block else block.get("content"))
+                chars, images = chars + c, images + i
+                chars += len(block.get("thinking") or "")
+    return chars, images
+
+
+def estimate_tokens(request: Dict[str, Any]) -> int:
+    chars, images = _count_chars(request.get("system"))
+    for message in request.get("messages") or ():
+        if isinstance(message, dict):
+            c, i = _count_chars(message.get("content"))
+            chars, images = chars + c + 4, images + i
+    tools = request.get("tools")
+    if tools:
+        chars += len(json.dumps(tools, ensure_ascii=False))
+    return chars // 4 + images * IMAGE_TOKENS + 1
+
+
+# =============================================================================================
+# Upstream I/O
+# =============================================================================================
+# Every transport fault becomes a ProxyError here: nothing above this section sees OSError.
+# Connections are kept alive and reused (a small pool per upstream); a pooled connection the
+# upstream closed while idle is retried once on a fresh one. HTTPS uses the default SSL context
+# (SSL_CERT_FILE / SSL_CERT_DIR select a private CA); HTTPS_PROXY / HTTP_PROXY / NO_PROXY are
+# honoured, never for loopback hosts.
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                           ConnectionAbortedError, http.client.BadStatusLine)
+
+
+class UpstreamPool:
+    """http.client connections to one upstream, kept alive and reused across requests."""
+
+    def __init__(self, base_url: str, connect_timeout: float, read_timeout: float,
+                 max_idle: int = 32, proxies: Optional[Dict[str, str]] = None) -> None:
+        url = urllib.parse.urlsplit(base_url.rstrip("/"))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("OPENAI_BASE_URL must be an http:// or https:// URL, got %r" % base_url)
+        self.https = url.scheme == "https"
+        self.host = url.hostname
+        self.port = url.port or (443 if self.https else 80)
+        self.base_path = url.path
+        self.base_query = url.query
+        self.origin = "%s://%s" % (url.scheme, url.netloc)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self.ssl_context = ssl.create_default_context() if self.https else None
+        self.proxy = self._proxy_for(proxies if proxies is not None else urllib.request.getproxies())
+        self._idle: List[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _proxy_for(self, proxies: Dict[str, str]) -> Optional[urllib.parse.SplitResult]:
+        proxy = proxies.get("https" if self.https else "http")
+        if not proxy or self.host in LOOPBACK_HOSTS or urllib.request.proxy_bypass(self.host):
+            return None
+        if "://" not in proxy:
+            proxy = "http://" + proxy
+        return urllib.parse.urlsplit(proxy)
+
+    def url_path(self, path: str) -> str:
+        target = self.base_path + path
+        if self.base_query:
+            target += "?" + self.base_query
+        if self.proxy is not None and not self.https:
+            target = self.origin + target        # a plain-HTTP proxy takes the absolute URL
+        return target
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self.proxy is not None:
+            host, port = self.proxy.hostname, self.proxy.port or 8080
+        else:
+            host, port = self.host, self.port
+        if self.https:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=self.connect_timeout, context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+        if self.proxy is not None and self.https:
+            headers = {}
+            if self.proxy.username:
+                credentials = "%s:%s" % (urllib.parse.unquote(self.proxy.username),
+                                         urllib.parse.unquote(self.proxy.password or ""))
+                headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+            conn.set_tunnel(self.host, self.port, headers)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.settimeout(self.read_timeout)
+        return conn
+
+    def _acquire(self) -> Tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        return self._connect(), False
+
+    def release(self, conn: http.client.HTTPConnection) -> None:
+        """Give back a connection whose response was read to the end."""
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def post(self, path: str, body: bytes, headers: Dict[str, str]
+             ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send a POST and read the status line and headers. Raises ProxyError."""
+        target = self.url_path(path)
+        for attempt in (1, 2):
+            conn = None
+            reused = False
+            try:
+                conn, reused = self._acquire()
+                conn.request("POST", target, body=body, headers=headers)
+                return conn, conn.getresponse()
+            except STALE_CONNECTION_ERRORS as exc:
+                if conn is not None:
+                    conn.close()
+                if reused and attempt == 1:
+                    continue                     # closed by the upstream while idle: once more
+                raise transport_error(exc, self.origin) from None
+            except (OSError, http.client.HTTPException) as exc:
+                if conn is not None:
+                    conn.close()
+                raise transport_error(exc, self.origin) from None
+        raise AssertionError("unreachable")
+
+
+def transport_error(exc: BaseException, origin: str) -> ProxyError:
+    if isinstance(exc, socket.timeout):
+        return ProxyError(504, "timeout_error", "upstream %s did not answer in time" % origin)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ProxyError(502, "api_error", "TLS certificate of %s not trusted (%s); set SSL_CERT_FILE "
+                          "to your CA bundle" % (origin, exc.verify_message))
+    return ProxyError(502, "api_error", "upstream %s unreachable: %s" % (
+        origin, exc.__class__.__name__ + (": %s" % exc if str(exc) else "")))
+
+
+def read_body(response: http.client.HTTPResponse, origin: str) -> bytes:
+    try:
+        return response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise transport_error(exc, origin) from None
+
+
+def iter_sse_data(lines: Iterable[bytes], origin: str = "upstream") -> Iterator[str]:
+    """The `data` of each server-sent event (multi-line data joined by newlines); comments and
+    other fields skipped, `data:` with or without a space. A transport fault -> ProxyError."""
+    data: List[str] = []
+    try:
+        for raw in lines:
+            line = raw.rstrip(b"\r\n")
+            if not line:
+                if data:
+                    yield "\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                data.append(value.decode("utf-8", "replace"))
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise transport_error(exc, origin) from None
+    if data:
+        yield "\n".join(data)   # lenient: a last event without its blank line still counts
+
+
+# =============================================================================================
+# HTTP server
+# =============================================================================================
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def new_id(prefix: str) -> str:
+    number = int.from_bytes(os.urandom(16), "big")
+    chars = []
+    while number:
+        number, digit = divmod(number, 62)
+        chars.append(_BASE62[digit])
+    return prefix + "".join(chars)
+
+
+class ClientGone(Exception):
+    """The client closed its connection while we were writing to it."""
+
+
+class SSEWriter:
+    """Writes events to the client as HTTP chunks; shared with the heartbeat under a lock."""
+
+    def __init__(self, wfile: Any, on_client_gone: Callable[[], None]) -> None:
+        self.wfile = wfile
+        self.lock = threading.Lock()
+        self.last_write = time.monotonic()
+        self.closed = False
+        self.on_client_gone = on_client_gone
+
+    def _write(self, payload: bytes) -> None:
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload))
+        except OSError:
+            self.closed = True
+            self.on_client_gone()
+            raise ClientGone() from None
+        self.last_write = time.monotonic()
+
+    def write(self, events: List[Dict[str, Any]]) -> None:
+        if events:
+            payload = b"".join(encode_sse(e) for e in events)
+            with self.lock:
+                if self.closed:
+                    raise ClientGone()
+                self._write(payload)
+
+    def end(self, events: List[Dict[str, Any]]) -> None:
+        """The last events, then the end of the chunked body."""
+        with self.lock:
+            if self.closed:
+                raise ClientGone()
+            self.closed = True
+            payload = b"".join(encode_sse(e) for e in events)
+            try:
+                self.wfile.write((b"%x\r\n%s\r\n" % (len(payload), payload) if payload else b"") + b"0\r\n\r\n")
+            except OSError:
+                raise ClientGone() from None
+
+    def ping_if_idle(self, now: float, interval: float) -> None:
+        if now - self.last_write < interval or not self.lock.acquire(blocking=False):
+            return
+        try:
+            if not self.closed:
+                self._write(PING_BYTES)
+        except ClientGone:
+            log.info("client went away during a quiet stream; upstream request closed")
+        finally:
+            self.lock.release()
+
+
+PING_BYTES = encode_sse({"type": "ping"})
+
+
+class Heartbeat:
+    """One thread for all streams: a ping to every stream the upstream has left silent for
+    `interval` seconds, so idle timeouts between the client and us do not fire while a model
+    thinks. A failed ping means the client left: the stream's upstream request is closed."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.streams: Dict[SSEWriter, None] = {}
+        self.lock = threading.Lock()
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, writer: SSEWriter) -> None:
+        with self.lock:
+            self.streams[writer] = None
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+                self.thread.start()
+
+    def remove(self, writer: SSEWriter) -> None:
+        with self.lock:
+            self.streams.pop(writer, None)
+
+    def _run(self) -> None:
+        tick = max(min(self.interval / 4, 1.0), 0.01)
+        while True:
+            time.sleep(tick)
+            with self.lock:
+                streams = list(self.streams)
+            now = time.monotonic()
+            for writer in streams:
+                writer.ping_if_idle(now, self.interval)
+
+
+def _close_upstream(conn: http.client.HTTPConnection) -> None:
+    """Close an upstream connection now, waking a thread blocked reading it."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    conn.close()
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, settings: Settings, pool: Optional[UpstreamPool] = None) -> None:
+        self.settings = settings
+        self.pool = pool or UpstreamPool(settings.openai_base_url, settings.connect_timeout,
+                                         settings.request_timeout)
+        self.heartbeat = Heartbeat(settings.ping_interval)
+        self.secrets = tuple(s for s in (settings.openai_api_key, settings.anthropic_api_key) if len(s) >= 4)
+        super().__init__((settings.host, settings.port), Handler)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Thin: reads the request, calls the translation functions, writes the answer."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "claude-code-proxy/" + __version__
+    disable_nagle_algorithm = True
+    server: ProxyServer
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method: str) -> None:
+        self.started = time.monotonic()
+        self.request_id = new_id("req_")
+        self.response_started = False
+        self.upstream_released = False
+        self.status: Any = "-"
+        self.log_note = ""
+        path = self.path.split("?", 1)[0]
+        try:
+            body = self._read_body()
+            route = ROUTES.get((method, path))
+            if route is None and method in ("GET", "HEAD") and path.startswith("/v1/models/"):
+                route = Handler.get_model
+            if route is None:
+                raise ProxyError(404, "not_found_error", "%s %s is not an endpoint of this proxy" % (method, path))
+            if path.startswith("/v1/"):
+                self._check_auth()
+            route(self, body)
+        except ProxyError as err:
+            self._send_error(err)
+        except ClientGone:
+            self.close_connection = True
+            self.log_note = "client went away"
+        except Exception:  # a bug: log it whole, keep serving, answer in Anthropic's shape
+            log.exception("unexpected error handling %s %s", method, path)
+            self._send_error(ProxyError(500, "api_error", "internal proxy error"))
+        self._access_log(method, path)
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                return self._read_chunked()
+            return b""
+        try:
+            size = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise _invalid("Content-Length is not a number") from None
+        if size > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ProxyError(413, "request_too_large", "request body over %d bytes" % MAX_BODY_BYTES)
+        return self.rfile.read(size)
+
+    def _read_chunked(self) -> bytes:
+        parts, total = [], 0
+        while True:
+            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise ProxyError(413, "request_too_large", "request body over %d bytes" % MAX_BODY_BYTES)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline()
+
+    def _check_auth(self) -> None:
+        expected = self.server.settings.anthropic_api_key
+        if not expected:
+            return
+        given = self.headers.get("x-api-key") or ""
+        authorization = self.headers.get("Authorization") or ""
+        if not given and authorization[:7].lower() == "bearer ":
+            given = authorization[7:].strip()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ProxyError(401, "authentication_error", "invalid x-api-key")
+
+    # -- responses --------------------------------------------------------------------------
+
+    def _send_json(self, status: int, payload: Any, headers: Optional[Dict[str, str]] = None) -> None:
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("request-id", self.request_id)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.response_started = True
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_error(self, err: ProxyError) -> None:
+        message = self.server.redact(err.message)
+        self.log_note = "%s: %s" % (err.error_type, message)
+        if self.response_started:
+            self.close_connection = True   # a half-written answer cannot be repaired
+            return
+        payload = error_body(err.error_type, message)
+        payload["request_id"] = self.request_id
+        try:
+            self._send_json(err.status, payload, err.headers)
+        except OSError:
+            self.close_connection = True
+
+    def _access_log(self, method: str, path: str) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %s %.3fs%s", method, path, self.status,
+                     time.monotonic() - self.started, (" " + self.log_note) if self.log_note else "")
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        self.status = code
+        super().send_response(code, message)
+
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's own log
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def health(self, body: bytes) -> None:
+        self._send_json(200, {"status": "ok", "service": "claude-code-proxy", "version": __version__})
+
+    def event_logging(self, body: bytes) -> None:
+        self._send_json(200, {})           # Claude Code telemetry: answered here, never forwarded
+
+    def list_models(self, body: bytes) -> None:
+        models = model_list(self.server.settings)
+        self._send_json(200, {"data": models, "has_more": False,
+                              "first_id": models[0]["id"], "last_id": models[-1]["id"]})
+
+    def get_model(self, body: bytes) -> None:
+        model_id = urllib.parse.unquote(self.path.split("?", 1)[0][len("/v1/models/"):])
+        for model in model_list(self.server.settings):
+            if model["id"] == model_id:
+                return self._send_json(200, model)
+        if any(tier in model_id.lower() for tier in ("opus", "sonnet", "haiku")):
+            return self._send_json(200, model_object(model_id, "%s (served by %s)" % (
+                model_id, map_model(model_id, self.server.settings))))
+        raise ProxyError(404, "not_found_error", "model %r not found" % model_id)
+
+    def count_tokens(self, body: bytes) -> None:
+        request = parse_json(body)
+        if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+            raise _invalid("messages: a list of messages is required")
+        self._send_json(200, {"input_tokens": estimate_tokens(request)})
+
+    def messages(self, body: bytes) -> None:
+        request = validate_request(parse_json(body))
+        settings = self.server.settings
+        openai_request = to_openai(request, settings)
+        self.log_note = "%s -> %s%s" % (request["model"], openai_request["model"],
+                                        " stream" if request.get("stream") else "")
+        ctx = ResponseContext(
+            model=request["model"], message_id=new_id("msg_"),
+            stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),
+            input_tokens=estimate_tokens(request) if request.get("stream") else 0)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("upstream request: %s", json.dumps(openai_request)[:4000])
+        pool = self.server.pool
+        conn, response = pool.post("/chat/completions", json.dumps(
+            openai_request, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), {
+            "Content-Type": "application/json",
+            "Authorization": "Bearer " + settings.openai_api_key,
+            "Accept": "text/event-stream" if request.get("stream") else "application/json",
+            "User-Agent": "claude-code-proxy/" + __version__})
+        try:
+            if response.status != 200:
+                error = upstream_error(response.status, read_body(response, pool.origin),
+                                       response.getheader("retry-after"))
+                self._release(conn, response)
+                log.warning("upstream answered %d: %s", response.status, self.server.redact(error.message))
+                raise error
+            is_sse = "text/event-stream" in (response.getheader("Content-Type") or "")
+            if request.get("stream"):
+                if is_sse:
+                    return self._stream(conn, response, ctx)
+                message = self._completion_message(conn, response, ctx)
+                return self._send_stream_whole(message_to_events(message))
+            if is_sse:   # a server that streams although we did not ask
+                translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
+                events = translator.start()
+                saw_done = False
+                for data in iter_sse_data(response, pool.origin):
+                    if data == "[DONE]":
+                        saw_done = True
+                        break
+                    events.extend(translator.feed(parse_chunk(data)))
+                events.extend(translator.finish(saw_done))
+                self._release(conn, response)
+                return self._send_json(200, assemble_message(events))
+            return self._send_json(200, self._completion_message(conn, response, ctx))
+        finally:
+            if not self.upstream_released:
+                conn.close()
+
+    # -- upstream answer --------------------------------------------------------------------
+
+    def _release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        if response.isclosed() and not response.will_close and conn.sock is not None:
+            self.upstream_released = True
+            self.server.pool.release(conn)
+
+    def _completion_message(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                            ctx: ResponseContext) -> Dict[str, Any]:
+        body = read_body(response, self.server.pool.origin)
+        self._release(conn, response)
+        try:
+            completion = json.loads(body)
+        except ValueError:
+            raise ProxyError(502, "api_error", "upstream answer is not JSON: " +
+                             upstream_error_message(body.decode("utf-8", "replace"), "")) from None
+        if not isinstance(completion, dict):
+            raise ProxyError(502, "api_error", "upstream answer is not a JSON object")
+        return to_anthropic(completion, ctx, lambda: new_id("toolu_"))
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("request-id", self.request_id)
+        self.end_headers()
+        self.response_started = True
+
+    def _send_stream_whole(self, events: List[Dict[str, Any]]) -> None:
+        self._start_stream()
+        SSEWriter(self.wfile, lambda: None).end(events)
+
+    def _stream(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                ctx: ResponseContext) -> None:
+        """Translate the upstream SSE stream event by event as its chunks arrive."""
+        translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
+        writer = SSEWriter(self.wfile, lambda: _close_upstream(conn))
+        heartbeat = self.server.heartbeat
+        self._start_stream()
+        saw_done = False
+        try:
+            writer.write(translator.start())
+            heartbeat.add(writer)
+            try:
+                for data in iter_sse_data(response, self.server.pool.origin):
+                    if data == "[DONE]":
+                        saw_done = True
+                        break
+                    writer.write(translator.feed(parse_chunk(data)))
+                    if translator.ended:
+                        break
+                closing = translator.finish(saw_done)
+            except ProxyError as err:
+                if writer.closed:
+                    raise ClientGone() from None
+                closing = translator.fail(err.error_type, err.message)
+            heartbeat.remove(writer)
+            if closing and closing[0]["type"] == "error":
+                self.log_note += " stream error: " + self.server.redact(closing[0]["error"]["message"])
+                self.close_connection = True
+            writer.end(closing)
+            if saw_done:
+                read_body(response, self.server.pool.origin)   # the end of the chunked body
+                self._release(conn, response)
+        except ClientGone:
+            self.close_connection = True
+            self.log_note += " client went away"
+            _close_upstream(conn)
+        finally:
+            heartbeat.remove(writer)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise _invalid("request body is not valid JSON: %s" % exc) from None
+
+
+def parse_chunk(data: str) -> Dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        chunk = None
+    return chunk if isinstance(chunk, dict) else {"error": {"message": "malformed chunk: " + data[:200]}}
+
+
+def model_object(model_id: str, display_name: str) -> Dict[str, Any]:
+    return {"type": "model", "id": model_id, "display_name": display_name,
+            "created_at": "2025-01-01T00:00:00Z"}
+
+
+def model_list(settings: Settings) -> List[Dict[str, Any]]:
+    tiers = (("claude-opus", settings.big_model), ("claude-sonnet", settings.middle),
+             ("claude-haiku", settings.small_model))
+    models = [model_object(alias, "%s (served by %s)" % (alias, upstream)) for alias, upstream in tiers]
+    for upstream in dict.fromkeys(upstream for _, upstream in tiers):
+        models.append(model_object(upstream, upstream))
+    return models
+
+
+ROUTES: Dict[Tuple[str, str], Callable[[Handler, bytes], None]] = {
+    ("POST", "/v1/messages"): Handler.messages,
+    ("POST", "/v1/messages/count_tokens"): Handler.count_tokens,
+    ("GET", "/v1/models"): Handler.list_models,
+    ("GET", "/"): Handler.health,
+    ("HEAD", "/"): Handler.health,
+    ("GET", "/health"): Handler.health,
+    ("HEAD", "/health"): Handler.health,
+    ("POST", "/api/event_logging/batch"): Handler.event_logging,
+    ("POST", "/api/event_logging/v2/batch"): Handler.event_logging,
+}
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_arg_parser().parse_args(argv)
+    dotenv_text = ""
+    if os.path.isfile(args.env_file):
+        with open(args.env_file, encoding="utf-8") as handle:
+            dotenv_text = handle.read()
+    try:
+        settings = load_settings(dict(os.environ), argv, dotenv_text)
+    except ValueError as exc:
+        print("claude-code-proxy: %s" % exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if args.check:
+        print(describe_settings(settings))
+        return 0
+    try:
+        server = ProxyServer(settings)
+    except (ValueError, OSError) as exc:
+        print("claude-code-proxy: %s" % exc, file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print("claude-code-proxy %s listening on http://%s:%d -> %s (opus: %s, sonnet: %s, haiku: %s)" % (
+        __version__, host, port, settings.openai_base_url, settings.big_model, settings.middle,
+        settings.small_model), flush=True)
+    print("Start Claude Code with: ANTHROPIC_BASE_URL=http://%s:%d ANTHROPIC_API_KEY=%s claude" % (
+        host, port, "<your ANTHROPIC_API_KEY>" if settings.anthropic_api_key else "x"), flush=True)
+    if not settings.openai_api_key and urllib.parse.urlsplit(settings.openai_base_url).hostname not in LOOPBACK_HOSTS:
+        log.warning("OPENAI_API_KEY is not set; the upstream will probably answer 401")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.pool.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1174 @@
+"""Tests for claude_proxy.py, in the order of its sections: configuration, errors, request and
+response translation tables, the stream translator fed chunk by chunk, then the real server
+end to end against a scripted fake OpenAI upstream on 127.0.0.1 (port 0)."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import claude_proxy as cp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SETTINGS = cp.Settings()
+
+
+def ids(prefix="toolu_gen"):
+    """A deterministic id source, so translated output is the same every run."""
+    counter = iter(range(1, 1000))
+    return lambda: "%s%d" % (prefix, next(counter))
+
+
+# =============================================================================================
+# A strict checker of the Anthropic stream grammar, used on every stream in this file
+# =============================================================================================
+
+DELTA_FOR_BLOCK = {"text": {"text_delta"}, "tool_use": {"input_json_delta"},
+                   "thinking": {"thinking_delta", "signature_delta"}}
+
+
+def parse_sse(raw: bytes):
+    """[(event name, data dict)] from SSE bytes; every frame must have both lines."""
+    frames = []
+    for block in raw.decode("utf-8").split("\n\n"):
+        if not block:
+            continue
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
+        frames.append((lines[0][7:], json.loads(lines[1][6:])))
+    return frames
+
+
+def check_stream(frames):
+    """Assert the grammar: message_start, then blocks with indices 0, 1, 2 one open at a time,
+    deltas matching their block, message_delta, message_stop; or an error as the last event.
+    `event:` equals data.type. Returns the events."""
+    events = []
+    for name, data in frames:
+        assert name == data["type"], (name, data)
+        events.append(data)
+    assert events and events[0]["type"] == "message_start", events[:1]
+    start = events[0]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None
+    assert isinstance(start["usage"]["input_tokens"], int) and isinstance(start["usage"]["output_tokens"], int)
+    open_index, open_type, next_index, tool_json, signed = None, None, 0, [], False
+    state = "blocks"
+    for position, event in enumerate(events[1:], 1):
+        kind = event["type"]
+        if kind == "ping":
+            assert state == "blocks"
+            continue
+        if kind == "error":
+            assert position == len(events) - 1, "events after an error"
+            assert set(event["error"]) == {"type", "message"}
+            return events
+        if kind == "content_block_start":
+            assert state == "blocks" and open_index is None, event
+            assert event["index"] == next_index, event
+            block = event["content_block"]
+            open_index, open_type, next_index, tool_json, signed = event["index"], block["type"], next_index + 1, [], False
+            if open_type == "tool_use":
+                assert block["input"] == {} and block["id"] and block["name"], block
+            elif open_type == "text":
+                assert block == {"type": "text", "text": ""}
+            else:
+                assert block == {"type": "thinking", "thinking": "", "signature": ""}
+        elif kind == "content_block_delta":
+            assert event["index"] == open_index, event
+            delta = event["delta"]
+            assert delta["type"] in DELTA_FOR_BLOCK[open_type], (open_type, delta)
+            assert not signed, "delta after signature_delta"
+            if delta["type"] == "input_json_delta":
+                tool_json.append(delta["partial_json"])
+            elif delta["type"] == "signature_delta":
+                signed = True
+            elif delta["type"] == "text_delta":
+                assert delta["text"], "empty text_delta"
+        elif kind == "content_block_stop":
+            assert event["index"] == open_index, event
+            if open_type == "tool_use":
+                assert isinstance(json.loads("".join(tool_json)), dict), tool_json
+            if open_type == "thinking":
+                assert signed, "thinking block closed without signature_delta"
+            open_index = None
+        elif kind == "message_delta":
+            assert state == "blocks" and open_index is None, "message_delta with a block open"
+            assert event["delta"]["stop_reason"] in (
+                "end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal"), event
+            assert isinstance(event["usage"]["output_tokens"], int)
+            state = "delta"
+        elif kind == "message_stop":
+            assert state == "delta" and position == len(events) - 1
+            state = "stopped"
+        else:
+            raise AssertionError("unknown event %r" % kind)
+    assert state == "stopped", "stream ended without message_stop or error"
+    return events
+
+
+def run_translator(chunks, stop_sequences=(), saw_done=True, input_tokens=7):
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1",
+                             stop_sequences=tuple(stop_sequences), input_tokens=input_tokens)
+    translator = cp.StreamTranslator(ctx, ids())
+    events = translator.start()
+    for chunk in chunks:
+        events += translator.feed(chunk)
+    events += translator.finish(saw_done)
+    return check_stream([(e["type"], e) for e in events])
+
+
+def non_meta(events):
+    return [e for e in events if e["type"] not in ("message_start", "ping")]
+
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+
+
+def test_settings_defaults():
+    s = cp.load_settings({}, [], "")
+    assert (s.openai_base_url, s.big_model, s.middle, s.small_model, s.host, s.port) == (
+        "https://api.openai.com/v1", "gpt-4o", "gpt-4o", "gpt-4o-mini", "127.0.0.1", 8082)
+    assert s.max_tokens_limit == 0 and s.request_timeout == 600.0
+
+
+def test_settings_precedence_flag_then_environment_then_dotenv():
+    dotenv = "export BIG_MODEL='from-dotenv'\nSMALL_MODEL=dot-small # comment\nPORT=1\n# x=y\nMIDDLE_MODEL=\"m\"\n"
+    s = cp.load_settings({"BIG_MODEL": "from-env", "PORT": "9000"}, ["--port", "9100"], dotenv)
+    assert (s.big_model, s.small_model, s.port, s.middle_model) == ("from-env", "dot-small", 9100, "m")
+
+
+def test_settings_original_variable_names_and_alias():
+    env = {"OPENAI_API_KEY": "k", "OPENAI_API_BASE": "http://h/v1", "ANTHROPIC_API_KEY": "a",
+           "MIDDLE_MODEL": "mid", "HOST": "0.0.0.0", "LOG_LEVEL": "DEBUG", "MAX_TOKENS_LIMIT": "4096",
+           "REQUEST_TIMEOUT": "90"}
+    s = cp.load_settings(env, [], "")
+    assert (s.openai_api_key, s.openai_base_url, s.anthropic_api_key, s.middle, s.host, s.log_level,
+            s.max_tokens_limit, s.request_timeout) == ("k", "http://h/v1", "a", "mid", "0.0.0.0", "DEBUG", 4096, 90.0)
+
+
+def test_settings_bad_number_is_a_clear_error():
+    with pytest.raises(ValueError, match="PORT must be a int"):
+        cp.load_settings({"PORT": "eighty"}, [], "")
+
+
+def test_describe_settings_masks_keys():
+    text = cp.describe_settings(cp.Settings(openai_api_key="sk-secret-value"))
+    assert "sk-secret-value" not in text and "set (15 characters)" in text
+
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+
+
+@pytest.mark.parametrize("status,body,status_out,type_out,retry", [
+    (400, b'{"error":{"message":"bad thing","type":"invalid_request_error"}}', 400, "invalid_request_error", "false"),
+    (401, b'{"error":{"message":"no key"}}', 401, "authentication_error", "false"),
+    (403, b'{"error":{"message":"nope"}}', 403, "permission_error", "false"),
+    (404, b'{"error":{"message":"no model"}}', 404, "not_found_error", "false"),
+    (422, b'{"detail":"unprocessable"}', 400, "invalid_request_error", "false"),
+    (429, b'{"error":{"message":"slow down"}}', 429, "rate_limit_error", None),
+    (429, b'{"error":{"message":"You exceeded your current quota"}}', 429, "rate_limit_error", "false"),
+    (500, b'{"error":{"message":"boom"}}', 500, "api_error", None),
+    (503, b'<html><body><h1>503 Service Unavailable</h1></body></html>', 529, "overloaded_error", None),
+    (504, b"gateway timeout", 504, "timeout_error", None),
+    (418, b"teapot", 400, "invalid_request_error", "false"),
+    (599, b"odd", 502, "api_error", None),
+])
+def test_upstream_error_mapping(status, body, status_out, type_out, retry):
+    err = cp.upstream_error(status, body, None)
+    assert (err.status, err.error_type, err.headers.get("x-should-retry")) == (status_out, type_out, retry)
+    assert err.message.startswith("upstream: ") and "<" not in err.message
+
+
+def test_upstream_error_messages_of_every_shape():
+    assert cp.upstream_error_message([{"error": {"code": 400, "message": "gemini says"}}], "") == "gemini says"
+    assert cp.upstream_error_message({"error": "plain"}, "") == "plain"
+    assert cp.upstream_error_message({"error": {"message": "tool call failed", "code": "tool_use_failed",
+                                                "failed_generation": "<fn>"}}, "") == \
+        "tool call failed\nfailed_generation: <fn>"
+    assert cp.upstream_error_message("<html><title>Bad Gateway</title></html>", "x") == "Bad Gateway"
+
+
+def test_retry_after_passed_through():
+    assert cp.upstream_error(429, b"{}", "7").headers["retry-after"] == "7"
+
+
+# =============================================================================================
+# Request translation
+# =============================================================================================
+
+
+def req(**fields):
+    base = {"model": "claude-opus-4-8", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    base.update(fields)
+    return base
+
+
+def out(messages, **fields):
+    base = {"model": "gpt-4o", "messages": messages, "max_tokens": 100}
+    base.update(fields)
+    return base
+
+
+TOOL = {"name": "Bash", "description": "Run", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+FN = {"type": "function", "function": {"name": "Bash", "description": "Run",
+                                       "parameters": TOOL["input_schema"]}}
+CALL = {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {"command": "ls"}}
+OPENAI_CALL = {"id": "toolu_01", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}
+
+REQUEST_CASES = [
+    ("string user content", req(), out([{"role": "user", "content": "hi"}])),
+    ("system string first", req(system="be brief"),
+     out([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])),
+    ("system blocks joined, billing header and cache_control dropped", req(system=[
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;"},
+        {"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "B"}]),
+     out([{"role": "system", "content": "A\n\nB"}, {"role": "user", "content": "hi"}])),
+    ("text blocks joined, empty dropped", req(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "one"}, {"type": "text", "text": ""},
+        {"type": "text", "text": "two", "cache_control": {"type": "ephemeral"}}]}]),
+     out([{"role": "user", "content": "one\n\ntwo"}])),
+    ("images base64 and url", req(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "look"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "QUJD"}},
+        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]),
+     out([{"role": "user", "content": [
+         {"type": "text", "text": "look"},
+         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
+         {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])),
+    ("mid-conversation system message merged into the user turn before it", req(messages=[
+        {"role": "user", "content": "hi"}, {"role": "system", "content": "agents: A"}]),
+     out([{"role": "user", "content": "hi\n\n<system-reminder>\nagents: A\n</system-reminder>"}])),
+    ("mid-conversation system message as blocks, merged into the user turn after it", req(messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "system", "content": [{"type": "text", "text": "skills", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "user", "content": "go"}]),
+     out([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+          {"role": "user", "content": "<system-reminder>\nskills\n</system-reminder>\n\ngo"}])),
+    ("tool round trip, thinking dropped", req(messages=[
+        {"role": "user", "content": "list"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
+                                          {"type": "text", "text": "Running it."}, CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a.txt",
+                                      "is_error": False, "cache_control": {"type": "ephemeral"}}]}]),
+     out([{"role": "user", "content": "list"},
+          {"role": "assistant", "content": "Running it.", "tool_calls": [OPENAI_CALL]},
+          {"role": "tool", "tool_call_id": "toolu_01", "content": "a.txt"}])),
+    ("results reordered to call order, text after results becomes a user message", req(messages=[
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [CALL, dict(CALL, id="toolu_02", input={})]},
+        {"role": "user", "content": [
+            {"type": "text", "text": "and then?"},
+            {"type": "tool_result", "tool_use_id": "toolu_02", "content": [{"type": "text", "text": "two"}]},
+            {"type": "tool_result", "tool_use_id": "toolu_01", "content": "one", "is_error": True}]}]),
+     out([{"role": "user", "content": "go"},
+          {"role": "assistant", "content": None, "tool_calls": [
+              OPENAI_CALL, {"id": "toolu_02", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]},
+          {"role": "tool", "tool_call_id": "toolu_01", "content": "Error: one"},
+          {"role": "tool", "tool_call_id": "toolu_02", "content": "two"},
+          {"role": "user", "content": "and then?"}])),
+    ("unicode tool input kept as is", req(messages=[
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [dict(CALL, input={"command": "echo héllo 🚀"})]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": ""}]}]),
+     out([{"role": "user", "content": "go"},
+          {"role": "assistant", "content": None, "tool_calls": [
+              {"id": "toolu_01", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "echo héllo 🚀"}'}}]},
+          {"role": "tool", "tool_call_id": "toolu_01", "content": ""}])),
+    ("image inside a tool result moves to a user message after the tool messages", req(messages=[
+        {"role": "user", "content": "shot"},
+        {"role": "assistant", "content": [CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": [
+            {"type": "text", "text": "screenshot:"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "UE5H"}}]}]}]),
+     out([{"role": "user", "content": "shot"},
+          {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL]},
+          {"role": "tool", "tool_call_id": "toolu_01", "content": "screenshot:\n[image attached in the next message]"},
+          {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,UE5H"}}]}])),
+    ("unanswered call gets a synthetic result, orphan result becomes text", req(messages=[
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_gone", "content": "old"},
+                                     {"type": "text", "text": "stop that"}]}]),
+     out([{"role": "user", "content": "go"},
+          {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL]},
+          {"role": "tool", "tool_call_id": "toolu_01", "content": cp.INTERRUPTED_RESULT},
+          {"role": "user", "content": "[Result of tool call toolu_gone]\nold\n\nstop that"}])),
+    ("tools, tool_choice any, parallel disabled", req(tools=[TOOL], tool_choice={"type": "any", "disable_parallel_tool_use": True}),
+     out([{"role": "user", "content": "hi"}], tools=[FN], tool_choice="required", parallel_tool_calls=False)),
+    ("tool_choice tool", req(tools=[TOOL], tool_choice={"type": "tool", "name": "Bash"}),
+     out([{"role": "user", "content": "hi"}], tools=[FN], tool_choice={"type": "function", "function": {"name": "Bash"}})),
+    ("tool_choice auto and none", req(tools=[dict(TOOL, cache_control={"type": "ephemeral"})], tool_choice={"type": "none"}),
+     out([{"role": "user", "content": "hi"}], tools=[FN], tool_choice="none")),
+    ("server tool dropped", req(tools=[{"type": "web_search_20250305", "name": "web_search"}], tool_choice={"type": "auto"}),
+     out([{"role": "user", "content": "hi"}])),
+    ("sampling, stop sequences (at most 4), stream", req(
+        temperature=0.2, top_p=0.9, top_k=5, stop_sequences=["a", "b", "c", "d", "e"], stream=True),
+     out([{"role": "user", "content": "hi"}], temperature=0.2, top_p=0.9, stop=["a", "b", "c", "d"],
+         stream=True, stream_options={"include_usage": True})),
+    ("fields with no counterpart ignored", req(
+        metadata={"user_id": "{\"device_id\":\"x\"}"}, thinking={"type": "adaptive", "display": "omitted"},
+        output_config={"effort": "high"}, context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        service_tier="auto", container="c", max_tokens=128000),
+     out([{"role": "user", "content": "hi"}], max_tokens=128000)),
+    ("plain-text document inlined, PDF as a file part", req(messages=[{"role": "user", "content": [
+        {"type": "document", "title": "notes", "source": {"type": "text", "media_type": "text/plain", "data": "abc"}},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}]),
+     out([{"role": "user", "content": [
+         {"type": "text", "text": "Document: notes"}, {"type": "text", "text": "abc"},
+         {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:application/pdf;base64,JVBE"}}]}])),
+]
+
+
+@pytest.mark.parametrize("name,anthropic_in,openai_out", REQUEST_CASES, ids=[c[0] for c in REQUEST_CASES])
+def test_to_openai(name, anthropic_in, openai_out):
+    before = json.dumps(anthropic_in, sort_keys=True)
+    assert cp.to_openai(cp.validate_request(anthropic_in), SETTINGS) == openai_out
+    assert json.dumps(anthropic_in, sort_keys=True) == before, "input was mutated"
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("claude-opus-4-8", "big"), ("claude-opus-5-5", "big"), ("claude-sonnet-5", "middle"),
+    ("claude-3-5-Sonnet-latest", "middle"), ("claude-haiku-4-5-20251001", "small"),
+    ("deepseek-chat", "deepseek-chat"), ("gpt-4.1", "gpt-4.1")])
+def test_model_mapping(model, expected):
+    settings = cp.Settings(big_model="big", middle_model="middle", small_model="small")
+    assert cp.map_model(model, settings) == expected
+
+
+def test_middle_model_defaults_to_big_model():
+    assert cp.map_model("claude-sonnet-5-5", cp.Settings(big_model="big")) == "big"
+
+
+def test_max_tokens_limit_caps_only_when_set():
+    request = req(max_tokens=64000)
+    assert cp.to_openai(request, SETTINGS)["max_tokens"] == 64000
+    assert cp.to_openai(request, cp.Settings(max_tokens_limit=8192))["max_tokens"] == 8192
+    assert cp.to_openai(req(max_tokens=100), cp.Settings(max_tokens_limit=8192))["max_tokens"] == 100
+
+
+@pytest.mark.parametrize("request_body,message", [
+    ([], "JSON object"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+    (req(messages=[]), "messages"),
+    (req(messages="hi"), "messages"),
+    (req(max_tokens="many"), "max_tokens"),
+    (req(messages=[{"role": "tool", "content": "x"}]), "role"),
+    (req(messages=[{"role": "user", "content": 5}]), "content"),
+    (req(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]), "image source"),
+    (req(tools="Bash"), "tools"),
+])
+def test_invalid_requests_are_400(request_body, message):
+    with pytest.raises(cp.ProxyError) as info:
+        cp.to_openai(cp.validate_request(request_body), SETTINGS)
+    assert info.value.status == 400 and info.value.error_type == "invalid_request_error"
+    assert message in info.value.message and info.value.headers["x-should-retry"] == "false"
+
+
+# =============================================================================================
+# Response translation
+# =============================================================================================
+
+CTX = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1", stop_sequences=("END",))
+
+
+def completion(message, finish_reason="stop", usage=None, **choice):
+    return {"id": "chatcmpl-1", "object": "chat.completion",
+            "choices": [dict({"index": 0, "message": dict({"role": "assistant"}, **message),
+                              "finish_reason": finish_reason}, **choice)],
+            "usage": usage or {"prompt_tokens": 10, "completion_tokens": 5}}
+
+
+def message_out(content, stop_reason="end_turn", stop_sequence=None, usage=None):
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4-8",
+            "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": usage or {"input_tokens": 10, "output_tokens": 5,
+                               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+
+
+RESPONSE_CASES = [
+    ("text", completion({"content": "Hi"}), message_out([{"type": "text", "text": "Hi"}])),
+    ("null content, no blocks", completion({"content": None}), message_out([])),
+    ("tool call, id kept, arguments parsed",
+     completion({"content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+         "name": "Bash", "arguments": '{"command":"ls"}'}}]}, "tool_calls"),
+     message_out([{"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}], "tool_use")),
+    ("text then two calls, missing id generated, empty and object arguments",
+     completion({"content": "Both.", "tool_calls": [
+         {"id": "", "type": "function", "function": {"name": "A", "arguments": ""}},
+         {"id": "c2", "type": "function", "function": {"name": "B", "arguments": {"x": 1}}}]}, "tool_calls"),
+     message_out([{"type": "text", "text": "Both."},
+                  {"type": "tool_use", "id": "toolu_gen1", "name": "A", "input": {}},
+                  {"type": "tool_use", "id": "c2", "name": "B", "input": {"x": 1}}], "tool_use")),
+    ("finish_reason stop although a tool was called",
+     completion({"content": "", "tool_calls": [{"id": "c", "type": "function", "function": {
+         "name": "A", "arguments": "{}"}}]}, "stop"),
+     message_out([{"type": "tool_use", "id": "c", "name": "A", "input": {}}], "tool_use")),
+    ("length", completion({"content": "cut"}, "length"), message_out([{"type": "text", "text": "cut"}], "max_tokens")),
+    ("content_filter", completion({"content": ""}, "content_filter"), message_out([], "refusal")),
+    ("refusal field", completion({"content": None, "refusal": "I can't."}),
+     message_out([{"type": "text", "text": "I can't."}], "refusal")),
+    ("stop sequence left at the end is trimmed and reported", completion({"content": "abcEND"}),
+     message_out([{"type": "text", "text": "abc"}], "stop_sequence", "END")),
+    ("stop sequence reported by vLLM", completion({"content": "abc"}, stop_reason="END"),
+     message_out([{"type": "text", "text": "abc"}], "stop_sequence", "END")),
+    ("reasoning becomes a thinking block first", completion({"content": "4", "reasoning_content": "2+2"}),
+     message_out([{"type": "thinking", "thinking": "2+2", "signature": cp.THINKING_SIGNATURE},
+                  {"type": "text", "text": "4"}])),
+    ("cached tokens reported as cache reads, not input",
+     completion({"content": "x"}, usage={"prompt_tokens": 100, "completion_tokens": 3,
+                                          "prompt_tokens_details": {"cached_tokens": 64}}),
+     message_out([{"type": "text", "text": "x"}], usage={
+         "input_tokens": 36, "output_tokens": 3, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 64})),
+]
+
+
+@pytest.mark.parametrize("name,openai_in,anthropic_out", RESPONSE_CASES, ids=[c[0] for c in RESPONSE_CASES])
+def test_to_anthropic(name, openai_in, anthropic_out):
+    assert cp.to_anthropic(openai_in, CTX, ids()) == anthropic_out
+
+
+@pytest.mark.parametrize("arguments,expected", [
+    ('{"a": 1}', {"a": 1}),
+    ('```json\n{"a": 1}\n```', {"a": 1}),
+    ('{"a": [1, 2,],}', {"a": [1, 2]}),
+    ("{'a': 'b', 'c': True}", {"a": "b", "c": True}),
+    ('{"a": ', {"_raw_arguments": '{"a": '}),
+    ("[1, 2]", {"_raw_arguments": "[1, 2]"}),
+])
+def test_tool_arguments_repaired_or_kept_raw(arguments, expected):
+    # Invalid arguments are never silently lost: repaired when a lenient parse can, else
+    # handed on verbatim so the client's validation error tells the model what went wrong.
+    assert cp.parse_tool_arguments(arguments) == expected
+
+
+def test_upstream_answer_without_choices_is_502():
+    with pytest.raises(cp.ProxyError) as info:
+        cp.to_anthropic({"id": "x", "choices": []}, CTX, ids())
+    assert info.value.status == 502
+
+
+# =============================================================================================
+# Stream translation, chunk by chunk
+# =============================================================================================
+
+
+def chunk(delta=None, finish_reason=None, usage=None, **extra):
+    choices = [] if delta is None and finish_reason is None else [
+        {"index": 0, "delta": delta or {}, "finish_reason": finish_reason}]
+    body = {"id": "c", "object": "chat.completion.chunk", "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    body.update(extra)
+    return body
+
+
+def tool_delta(index, arguments=None, call_id=None, name=None):
+    fragment = {"index": index, "function": {}}
+    if call_id:
+        fragment.update(id=call_id, type="function")
+    if name:
+        fragment["function"]["name"] = name
+    if arguments is not None:
+        fragment["function"]["arguments"] = arguments
+    return {"tool_calls": [fragment]}
+
+
+USAGE = {"prompt_tokens": 120, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 20}}
+
+
+def test_stream_text_exact_events():
+    events = run_translator([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}),
+                             chunk({"content": "lo"}), chunk({}, "stop"), chunk(usage=USAGE)])
+    assert events == [
+        {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4-8", "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 7, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}},
+        {"type": "ping"},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {"input_tokens": 100, "output_tokens": 9, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 20}},
+        {"type": "message_stop"}]
+
+
+def test_stream_tool_arguments_split_mid_string_and_mid_character_forwarded_as_they_come():
+    # "\ud83d" and "\ude80" are the two halves of 🚀 as JSON escapes; the é is split from its
+    # key mid-string. Each fragment goes out at once, unchanged.
+    pieces = ['{"comm', 'and": "echo h', 'é \\ud83d', '\\ude80"}']
+    events = run_translator([chunk({"role": "assistant"}), chunk(tool_delta(0, "", "call_1", "Bash"))]
+                            + [chunk(tool_delta(0, p)) for p in pieces] + [chunk({}, "tool_calls")])
+    assert non_meta(events) == [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}}]\
+        + [{"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}} for p in pieces]\
+        + [{"type": "content_block_stop", "index": 0},
+           {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"input_tokens": 7, "output_tokens": 8, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}},
+           {"type": "message_stop"}]
+    assert cp.assemble_message(events)["content"][0]["input"] == {"command": "echo hé 🚀"}
+
+
+def test_stream_text_then_two_sequential_calls():
+    events = run_translator([
+        chunk({"content": "Let me look."}),
+        chunk(tool_delta(0, '{"a":', "call_a", "Read")), chunk(tool_delta(0, "1}")),
+        chunk(tool_delta(1, "", "call_b", "Grep")), chunk(tool_delta(1, '{"b":2}')),
+        chunk({}, "tool_calls"), chunk(usage=USAGE)])
+    kinds = [(e["type"], e.get("index")) for e in non_meta(events)]
+    assert kinds == [("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+                     ("content_block_start", 1), ("content_block_delta", 1), ("content_block_delta", 1),
+                     ("content_block_stop", 1), ("content_block_start", 2), ("content_block_delta", 2),
+                     ("content_block_stop", 2), ("message_delta", None), ("message_stop", None)]
+    message = cp.assemble_message(events)
+    assert [b.get("input") for b in message["content"]] == [None, {"a": 1}, {"b": 2}]
+    assert message["stop_reason"] == "tool_use"
+
+
+def test_stream_two_parallel_calls_interleaved():
+    events = run_translator([
+        chunk(tool_delta(0, "", "call_a", "Read")), chunk(tool_delta(1, "", "call_b", "Grep")),
+        chunk(tool_delta(0, '{"path":')), chunk(tool_delta(1, '{"pattern":')),
+        chunk(tool_delta(0, '"x"}')), chunk(tool_delta(1, '"y"}')), chunk({}, "tool_calls")])
+    message = cp.assemble_message(events)
+    assert [(b["id"], b["name"], b["input"]) for b in message["content"]] == [
+        ("call_a", "Read", {"path": "x"}), ("call_b", "Grep", {"pattern": "y"})]
+    # the first call streams live; the second opens once the first one's JSON is complete
+    deltas = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"]
+    assert deltas == ['{"path":', '"x"}', '{"pattern":"y"}']
+
+
+def test_stream_call_without_arguments_gets_empty_object():
+    events = run_translator([chunk(tool_delta(0, None, "call_1", "TaskList")), chunk({}, "tool_calls")])
+    assert [e["delta"] for e in events if e["type"] == "content_block_delta"] == [
+        {"type": "input_json_delta", "partial_json": "{}"}]
+
+
+def test_stream_reasoning_then_text():
+    events = run_translator([chunk({"reasoning_content": "think"}), chunk({"reasoning_content": " more", "content": None}),
+                             chunk({"content": "answer"}), chunk({}, "stop")])
+    assert [(e["type"], e.get("delta")) for e in non_meta(events)][:5] == [
+        ("content_block_start", None),
+        ("content_block_delta", {"type": "thinking_delta", "thinking": "think"}),
+        ("content_block_delta", {"type": "thinking_delta", "thinking": " more"}),
+        ("content_block_delta", {"type": "signature_delta", "signature": cp.THINKING_SIGNATURE}),
+        ("content_block_stop", None)]
+    assert cp.assemble_message(events)["content"][1] == {"type": "text", "text": "answer"}
+
+
+def test_stream_finish_reason_on_the_chunk_with_the_last_content():
+    events = run_translator([chunk({"content": "all at once"}, "stop")])
+    assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "all at once"}]
+
+
+def test_stream_end_without_finish_reason_is_an_error_not_a_success():
+    events = run_translator([chunk({"content": "partial"})], saw_done=False)
+    assert events[-1] == {"type": "error", "error": {
+        "type": "api_error", "message": "upstream stream ended before the answer was complete"}}
+    assert not any(e["type"] == "message_stop" for e in events)
+
+
+def test_stream_error_chunk_becomes_error_event():
+    events = run_translator([chunk({"content": "x"}), {"error": {"message": "Rate limit", "code": 429}}])
+    assert events[-1] == {"type": "error", "error": {"type": "rate_limit_error", "message": "upstream: Rate limit"}}
+
+
+def test_stream_stop_sequence_detected_from_text_tail():
+    events = run_translator([chunk({"content": "abc EN"}), chunk({"content": "D"}), chunk({}, "stop")],
+                            stop_sequences=["END"])
+    assert events[-2]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+
+def test_stream_length_and_content_filter():
+    assert run_translator([chunk({"content": "x"}, "length")])[-2]["delta"]["stop_reason"] == "max_tokens"
+    assert run_translator([chunk({"content": "x"}, "content_filter")])[-2]["delta"]["stop_reason"] == "refusal"
+
+
+def test_stream_usage_missing_is_estimated_not_null():
+    usage = run_translator([chunk({"content": "x" * 40}, "stop")], input_tokens=55)[-2]["usage"]
+    assert usage["input_tokens"] == 55 and usage["output_tokens"] == 10
+
+
+def test_message_to_events_and_assemble_round_trip():
+    message = message_out([{"type": "thinking", "thinking": "t", "signature": "s"},
+                           {"type": "text", "text": "Hi"},
+                           {"type": "tool_use", "id": "c", "name": "A", "input": {"k": "é"}}], "tool_use")
+    events = cp.message_to_events(message)
+    check_stream([(e["type"], e) for e in events])
+    assert cp.assemble_message(events) == message
+
+
+def test_encode_sse():
+    assert cp.encode_sse({"type": "ping"}) == b'event: ping\ndata: {"type":"ping"}\n\n'
+    assert cp.encode_sse({"type": "x", "t": "é"}) == 'event: x\ndata: {"type":"x","t":"é"}\n\n'.encode()
+
+
+def test_iter_sse_data_follows_the_spec():
+    lines = [b": keep-alive\n", b"data: {\"a\":1}\n", b"\n", b"event: x\r\n", b"data:{\"b\":2}\r\n",
+             b"\r\n", b"data: one\n", b"data: two\n", b"\n", b"data: [DONE]"]
+    assert list(cp.iter_sse_data(lines)) == ['{"a":1}', '{"b":2}', "one\ntwo", "[DONE]"]
+
+
+# =============================================================================================
+# Tokens
+# =============================================================================================
+
+
+def test_estimate_tokens_counts_text_tools_and_images():
+    small = cp.estimate_tokens(req())
+    with_tools = cp.estimate_tokens(req(tools=[TOOL] * 10))
+    with_image = cp.estimate_tokens(req(messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x" * 100000}}]}]))
+    assert small < 10 < with_tools and with_image == cp.IMAGE_TOKENS + 2
+
+
+# =============================================================================================
+# End to end: the real server against a scripted fake upstream on loopback
+# =============================================================================================
+
+
+class FakeUpstream:
+    """A scripted OpenAI-compatible server on 127.0.0.1:0. Each chat request pops the next
+    responder from `script` (a callable(handler, body)); requests are recorded."""
+
+    def __init__(self):
+        self.requests = []
+        self.script = []
+        self.connections = 0
+        self.lock = threading.Lock()
+        upstream = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def setup(self):
+                super().setup()
+                with upstream.lock:
+                    upstream.connections += 1
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with upstream.lock:
+                    upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    responder = upstream.script.pop(0) if upstream.script else sse_text("ok")
+                responder(self, body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+        self.url = "http://127.0.0.1:%d/v1" % self.server.server_address[1]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def json_reply(payload, status=200, headers=None):
+    def respond(handler, body):
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        try:
+            handler.wfile.write(data)
+        except OSError:              # the proxy gave up on us (timeout tests)
+            handler.close_connection = True
+    return respond
+
+
+def sse_reply(chunks, done=True, pieces=None, before_each=None):
+    """An SSE answer with chunked transfer encoding, one HTTP chunk per event. `pieces`: raw
+    byte pieces instead (to split a UTF-8 character across writes). `before_each(i)` runs
+    before event i is written (to hold the stream at a point)."""
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        parts = pieces if pieces is not None else [
+            b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n" for c in chunks]
+        if done and pieces is None:
+            parts = parts + [b"data: [DONE]\n\n"]
+        try:
+            for i, part in enumerate(parts):
+                if before_each:
+                    before_each(i)
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            handler.close_connection = True
+    return respond
+
+
+def sse_text(text, usage=None):
+    return sse_reply([chunk({"role": "assistant", "content": ""}), chunk({"content": text}),
+                      chunk({}, "stop"), chunk(usage=usage or {"prompt_tokens": 11, "completion_tokens": 2})])
+
+
+def json_text(text):
+    return json_reply(completion({"content": text}))
+
+
+@pytest.fixture
+def upstream():
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
+
+
+def start_proxy(upstream_url, **settings):
+    settings.setdefault("port", 0)
+    settings.setdefault("openai_api_key", "sk-upstream-secret-123")
+    server = cp.ProxyServer(cp.Settings(openai_base_url=upstream_url, **settings))
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    return server
+
+
+@pytest.fixture
+def proxy(upstream):
+    server = start_proxy(upstream.url)
+    yield server
+    server.shutdown()
+    server.server_close()
+    server.pool.close()
+
+
+class Client:
+    """A keep-alive client of the proxy."""
+
+    def __init__(self, server, timeout=30):
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=timeout)
+
+    def call(self, method, path, body=None, headers=None):
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        self.conn.request(method, path, body=data, headers=dict({"Content-Type": "application/json"}, **(headers or {})))
+        response = self.conn.getresponse()
+        payload = response.read()
+        return response, payload
+
+    def json(self, method, path, body=None, headers=None):
+        response, payload = self.call(method, path, body, headers)
+        return response.status, dict(response.getheaders()), json.loads(payload) if payload else None
+
+    def stream(self, body, headers=None):
+        response, payload = self.call("POST", "/v1/messages?beta=true", dict(body, stream=True), headers)
+        assert response.status == 200, payload
+        assert response.getheader("Content-Type").startswith("text/event-stream")
+        return check_stream(parse_sse(payload))
+
+
+def claude_code_request(stream=True, tools=25):
+    """A request with the shape Claude Code 2.1.x sends: billing header, cached system blocks, a
+    mid-conversation system message, a tool round trip, 25 tools with 2020-12 schemas."""
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "additionalProperties": False, "required": ["command"],
+              "properties": {"command": {"type": "string", "description": "The command", "minLength": 1},
+                             "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 600000},
+                             "url": {"type": "string", "format": "uri"},
+                             "mode": {"const": "fast"}, "tags": {"type": "array", "maxItems": 3, "items": {"type": "string"}},
+                             "env": {"type": "object", "propertyNames": {"pattern": "^[A-Z]+$"}}}}
+    names = ["Bash", "Read", "Edit", "Write", "Agent", "TaskUpdate", "WebFetch", "WebSearch"] + [
+        "Tool%02d" % i for i in range(tools - 8)]
+    return {
+        "model": "claude-opus-4-8", "max_tokens": 64000, "stream": stream,
+        "metadata": {"user_id": json.dumps({"device_id": "0" * 64, "account_uuid": "", "session_id": "s"})},
+        "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;"},
+                   {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "Be helpful. " * 400, "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<system-reminder>context</system-reminder>"},
+                                         {"type": "text", "text": "run echo hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": [{"type": "text", "text": "Available agent types: general",
+                                            "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "I'll run it", "signature": "sig"},
+                                              {"type": "text", "text": "Running it."},
+                                              {"type": "tool_use", "id": "toolu_01", "name": "Bash",
+                                               "input": {"command": "echo hi", "description": "echo"}}]},
+            {"role": "user", "content": [{"tool_use_id": "toolu_01", "type": "tool_result", "content": "hi",
+                                          "is_error": False, "cache_control": {"type": "ephemeral"}}]}],
+        "tools": [{"name": n, "description": "Tool %s. " % n * 20, "input_schema": schema} for n in names],
+    }
+
+
+CLAUDE_CODE_HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "dummy", "x-app": "cli",
+                       "anthropic-beta": "claude-code-20250219,mid-conversation-system-2026-04-07,effort-2025-11-24",
+                       "Accept": "application/json", "User-Agent": "claude-cli/2.1.197 (external, sdk-cli)"}
+
+
+def test_e2e_non_stream_text(upstream, proxy):
+    upstream.script.append(json_reply(completion({"content": "Hello!"}, usage={"prompt_tokens": 9, "completion_tokens": 2})))
+    status, headers, message = Client(proxy).json("POST", "/v1/messages", req())
+    assert status == 200 and headers["request-id"].startswith("req_")
+    assert message["id"].startswith("msg_") and message["model"] == "claude-opus-4-8"
+    assert (message["content"], message["stop_reason"], message["usage"]["input_tokens"]) == (
+        [{"type": "text", "text": "Hello!"}], "end_turn", 9)
+    sent = upstream.requests[0]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["headers"]["Authorization"] == "Bearer sk-upstream-secret-123"
+    assert sent["body"] == {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+
+
+def test_e2e_stream_text(upstream, proxy):
+    upstream.script.append(sse_text("Hello stream", {"prompt_tokens": 30, "completion_tokens": 3}))
+    events = Client(proxy).stream(req())
+    message = cp.assemble_message(events)
+    assert message["content"] == [{"type": "text", "text": "Hello stream"}]
+    assert message["usage"]["input_tokens"] == 30 and message["usage"]["output_tokens"] == 3
+    assert upstream.requests[0]["body"]["stream_options"] == {"include_usage": True}
+
+
+def test_e2e_tool_round_trip_streaming(upstream, proxy):
+    client = Client(proxy)
+    upstream.script.append(sse_reply([
+        chunk({"role": "assistant", "content": None}),
+        chunk(tool_delta(0, "", "call_9", "Bash")), chunk(tool_delta(0, '{"command":')),
+        chunk(tool_delta(0, ' "ls"}')), chunk({}, "tool_calls"), chunk(usage={"prompt_tokens": 5, "completion_tokens": 4})]))
+    first = cp.assemble_message(client.stream(req(tools=[TOOL], messages=[{"role": "user", "content": "list files"}])))
+    assert first["stop_reason"] == "tool_use"
+    call = first["content"][0]
+    assert (call["id"], call["name"], call["input"]) == ("call_9", "Bash", {"command": "ls"})
+
+    upstream.script.append(sse_text("There is one file."))
+    history = [{"role": "user", "content": "list files"}, {"role": "assistant", "content": first["content"]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_9", "content": "a.txt"}]}]
+    second = cp.assemble_message(client.stream(req(tools=[TOOL], messages=history)))
+    assert second["content"] == [{"type": "text", "text": "There is one file."}]
+    assert upstream.requests[1]["body"]["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_9", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+        {"role": "tool", "tool_call_id": "call_9", "content": "a.txt"}]
+
+
+def test_e2e_tool_round_trip_non_stream(upstream, proxy):
+    upstream.script.append(json_reply(completion({"content": None, "tool_calls": [
+        {"id": "call_2", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"pwd"}'}}]}, "tool_calls")))
+    status, _, message = Client(proxy).json("POST", "/v1/messages", req(tools=[TOOL]))
+    assert status == 200 and message["stop_reason"] == "tool_use"
+    assert message["content"] == [{"type": "tool_use", "id": "call_2", "name": "Bash", "input": {"command": "pwd"}}]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_e2e_claude_code_request_shape(upstream, proxy, stream):
+    answer = "Done: hi"
+    upstream.script.append(sse_text(answer) if stream else json_text(answer))
+    client = Client(proxy)
+    request = claude_code_request(stream)
+    if stream:
+        message = cp.assemble_message(client.stream(request, CLAUDE_CODE_HEADERS))
+    else:
+        status, _, message = client.json("POST", "/v1/messages?beta=true", request, CLAUDE_CODE_HEADERS)
+        assert status == 200
+    assert message["content"] == [{"type": "text", "text": answer}]
+    sent = upstream.requests[0]["body"]
+    assert sent["model"] == "gpt-4o" and sent["max_tokens"] == 64000 and len(sent["tools"]) == 25
+    assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "tool"]
+    assert sent["messages"][0]["content"].startswith("You are Claude Code.\n\nBe helpful.")
+    assert sent["messages"][1]["content"] == (
+        "<system-reminder>context</system-reminder>\n\nrun echo hi\n\n"
+        "<system-reminder>\nAvailable agent types: general\n</system-reminder>")
+    assert sent["tools"][0]["function"]["parameters"] == request["tools"][0]["input_schema"]
+    for absent in ("thinking", "output_config", "context_management", "metadata"):
+        assert absent not in sent
+
+
+def test_e2e_upstream_answers_json_to_a_stream_request(upstream, proxy):
+    upstream.script.append(json_text("not streamed"))
+    events = Client(proxy).stream(req())
+    assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "not streamed"}]
+
+
+def test_e2e_upstream_streams_to_a_non_stream_request(upstream, proxy):
+    upstream.script.append(sse_text("streamed anyway"))
+    status, _, message = Client(proxy).json("POST", "/v1/messages", req())
+    assert status == 200 and message["content"] == [{"type": "text", "text": "streamed anyway"}]
+
+
+def test_e2e_utf8_character_split_across_upstream_writes(upstream, proxy):
+    event = ("data: " + json.dumps(chunk({"content": "h€llo"}), ensure_ascii=False) + "\n\n").encode()
+    cut = event.index("€".encode()) + 1
+    finish = b"data: " + json.dumps(chunk({}, "stop")).encode() + b"\n\ndata: [DONE]\n\n"
+    upstream.script.append(sse_reply(None, pieces=[event[:cut], event[cut:], finish]))
+    assert cp.assemble_message(Client(proxy).stream(req()))["content"] == [{"type": "text", "text": "h€llo"}]
+
+
+def test_e2e_stream_cut_mid_answer_ends_with_error_event(upstream, proxy):
+    upstream.script.append(sse_reply([chunk({"content": "half an ans"})], done=False))
+    events = Client(proxy).stream(req())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "api_error"
+    assert cp.assemble_message(events[:-1])["content"] == [{"type": "text", "text": "half an ans"}]
+
+
+@pytest.mark.parametrize("status,body,headers,status_out,type_out", [
+    (400, {"error": {"message": "context too long"}}, {}, 400, "invalid_request_error"),
+    (401, {"error": {"message": "Incorrect API key provided: sk-upstream-secret-123"}}, {}, 401, "authentication_error"),
+    (429, {"error": {"message": "rate limited"}}, {"Retry-After": "3"}, 429, "rate_limit_error"),
+    (500, {"error": {"message": "oops"}}, {}, 500, "api_error"),
+    (503, b"<html>down</html>", {}, 529, "overloaded_error"),
+])
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_e2e_upstream_errors_before_the_stream_are_http_errors(upstream, proxy, status, body, headers,
+                                                               status_out, type_out, stream):
+    upstream.script.append(json_reply(body, status, headers))
+    got_status, got_headers, payload = Client(proxy).json("POST", "/v1/messages", req(stream=stream))
+    assert got_status == status_out and payload["type"] == "error"
+    assert payload["error"]["type"] == type_out and payload["request_id"] == got_headers["request-id"]
+    assert "sk-upstream-secret-123" not in json.dumps(payload)
+    if status == 429:
+        assert got_headers["retry-after"] == "3"
+    assert got_headers.get("x-should-retry") == ("false" if status_out in (400, 401) else None)
+
+
+def test_e2e_upstream_unreachable_is_502(upstream):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    closed_port = sock.getsockname()[1]
+    sock.close()
+    server = start_proxy("http://127.0.0.1:%d/v1" % closed_port)
+    try:
+        status, _, payload = Client(server).json("POST", "/v1/messages", req())
+        assert status == 502 and payload["error"]["type"] == "api_error" and "unreachable" in payload["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_e2e_upstream_timeout_is_504(upstream):
+    release = threading.Event()
+
+    def hang(handler, body):
+        release.wait(10)
+        json_text("late")(handler, body)
+
+    upstream.script.append(hang)
+    server = start_proxy(upstream.url, request_timeout=0.3)
+    try:
+        status, _, payload = Client(server).json("POST", "/v1/messages", req())
+        assert status == 504 and payload["error"]["type"] == "timeout_error"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_e2e_keep_alive_reuses_upstream_connections(upstream, proxy):
+    client = Client(proxy)
+    for i in range(6):
+        upstream.script.append(sse_text("s%d" % i) if i % 2 else json_text("n%d" % i))
+        if i % 2:
+            client.stream(req())
+        else:
+            assert client.json("POST", "/v1/messages", req())[0] == 200
+    assert upstream.connections == 1
+
+
+def test_e2e_ping_while_upstream_is_silent(upstream):
+    pinged = threading.Event()
+    server = start_proxy(upstream.url, ping_interval=0.05)
+
+    def hold(i):
+        if i == 1:
+            assert pinged.wait(10), "no ping reached the client"
+
+    upstream.script.append(sse_reply([chunk({"role": "assistant"}), chunk({"content": "late"}), chunk({}, "stop")],
+                                     before_each=hold))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=20)
+        conn.request("POST", "/v1/messages", json.dumps(req(stream=True)), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        seen = b""
+        while b"event: ping" not in seen.split(b"event: message_start", 1)[-1].split(b"event: ping", 1)[-1] and \
+                seen.count(b"event: ping") < 2:
+            seen += response.read1(65536) if hasattr(response, "read1") else response.read(1)
+        pinged.set()
+        seen += response.read()
+        events = check_stream(parse_sse(seen))
+        assert [e["type"] for e in events[:3]] == ["message_start", "ping", "ping"]
+        assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "late"}]
+    finally:
+        pinged.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_e2e_client_going_away_closes_the_upstream_request(upstream):
+    upstream_saw_close = threading.Event()
+    client_left = threading.Event()
+    server = start_proxy(upstream.url, ping_interval=0.05)
+
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        part = b"data: " + json.dumps(chunk({"content": "x"})).encode() + b"\n\n"
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+        client_left.wait(10)
+        handler.connection.settimeout(10)
+        try:
+            if handler.connection.recv(1) == b"":
+                upstream_saw_close.set()
+        except OSError:
+            upstream_saw_close.set()
+        handler.close_connection = True
+
+    upstream.script.append(respond)
+    try:
+        sock = socket.create_connection(server.server_address[:2], timeout=10)
+        body = json.dumps(req(stream=True)).encode()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while b"text_delta" not in received:
+            received += sock.recv(65536)
+        sock.close()
+        client_left.set()
+        assert upstream_saw_close.wait(10), "upstream connection stayed open after the client left"
+    finally:
+        client_left.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_e2e_auth_required_when_configured(upstream):
+    server = start_proxy(upstream.url, anthropic_api_key="client-key-456")
+    try:
+        client = Client(server)
+        status, headers, payload = client.json("POST", "/v1/messages", req())
+        assert status == 401 and payload["error"]["type"] == "authentication_error"
+        assert headers["x-should-retry"] == "false"
+        assert client.json("POST", "/v1/messages", req(), {"x-api-key": "wrong"})[0] == 401
+        upstream.script.extend([json_text("a"), json_text("b")])
+        assert client.json("POST", "/v1/messages", req(), {"x-api-key": "client-key-456"})[0] == 200
+        assert client.json("POST", "/v1/messages", req(), {"Authorization": "Bearer client-key-456"})[0] == 200
+        assert client.json("HEAD", "/")[0] == 200
+        assert len(upstream.requests) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("HEAD", "/", 200), ("GET", "/", 200), ("GET", "/health", 200), ("HEAD", "/health", 200),
+    ("GET", "/v1/messages", 404), ("POST", "/v1/complete", 404), ("GET", "/nope", 404),
+    ("DELETE", "/v1/messages", 404), ("POST", "/api/event_logging/batch", 200),
+])
+def test_e2e_routes(proxy, method, path, status):
+    client = Client(proxy)
+    response, payload = client.call(method, path, b"{}" if method == "POST" else None)
+    assert response.status == status
+    if status == 404:
+        assert json.loads(payload)["error"]["type"] == "not_found_error"
+    assert client.json("GET", "/health")[0] == 200, "connection not kept alive after %s" % path
+
+
+def test_e2e_models(proxy):
+    client = Client(proxy)
+    status, _, listing = client.json("GET", "/v1/models")
+    assert status == 200 and listing["has_more"] is False
+    assert [m["id"] for m in listing["data"]] == ["claude-opus", "claude-sonnet", "claude-haiku", "gpt-4o", "gpt-4o-mini"]
+    assert listing["first_id"] == "claude-opus" and listing["last_id"] == "gpt-4o-mini"
+    assert all(m["type"] == "model" and m["created_at"] for m in listing["data"])
+    status, _, model = client.json("GET", "/v1/models/claude-opus-4-8")
+    assert status == 200 and model["id"] == "claude-opus-4-8"
+    assert client.json("GET", "/v1/models/gpt-4o-mini")[2]["id"] == "gpt-4o-mini"
+    status, _, payload = client.json("GET", "/v1/models/unknown-model")
+    assert status == 404 and payload["error"]["type"] == "not_found_error"
+
+
+def test_e2e_count_tokens(proxy, upstream):
+    client = Client(proxy)
+    status, _, payload = client.json("POST", "/v1/messages/count_tokens?beta=true", {
+        "model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hello " * 100}]})
+    assert status == 200 and payload == {"input_tokens": cp.estimate_tokens(
+        {"messages": [{"role": "user", "content": "hello " * 100}]})}
+    assert client.json("POST", "/v1/messages/count_tokens", {"model": "x"})[0] == 400
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"{not json", "not valid JSON"), (b'{"model": "claude-opus-4-8"}', "messages"),
+    (b'{"model":"m","messages":[{"role":"user","content":[{"type":"tool_result"}]}]}', None),
+])
+def test_e2e_bad_input_is_400_and_server_keeps_serving(proxy, upstream, body, message):
+    client = Client(proxy)
+    upstream.script.append(json_text("fine"))
+    response, payload = client.call("POST", "/v1/messages", body)
+    error = json.loads(payload)
+    if message is None:   # a tool_result with no id and nothing before it: repaired, not refused
+        assert response.status == 200
+    else:
+        assert response.status == 400 and error["type"] == "error"
+        assert message in error["error"]["message"] and response.getheader("x-should-retry") == "false"
+    upstream.script.append(json_text("still here"))
+    assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] in ("fine", "still here")
+
+
+def test_e2e_secrets_never_logged(upstream, caplog):
+    server = start_proxy(upstream.url, anthropic_api_key="client-key-456", log_level="DEBUG")
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    try:
+        upstream.script.append(json_reply({"error": {"message": "bad key sk-upstream-secret-123"}}, 401))
+        client = Client(server)
+        status, _, payload = client.json("POST", "/v1/messages", req(), {"x-api-key": "client-key-456"})
+        assert status == 401 and "sk-upstream-secret-123" not in payload["error"]["message"]
+        client.json("POST", "/v1/messages", req(), {"Authorization": "Bearer client-key-456x"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert caplog.records and "POST /v1/messages 401" in caplog.text
+    assert "sk-upstream-secret-123" not in caplog.text and "client-key-456" not in caplog.text
+
+
+def test_command_line_starts_the_server_and_serves(upstream, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+    (tmp_path / ".env").write_text("OPENAI_BASE_URL=%s\nOPENAI_API_KEY=from-dotenv-key\nBIG_MODEL=dot-big\n" % upstream.url)
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--port", "0"],
+                               cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        banner = process.stdout.readline().decode()
+        assert "listening on http://127.0.0.1:" in banner, banner
+        port = int(banner.split("http://127.0.0.1:", 1)[1].split()[0])
+        upstream.script.append(json_text("from the CLI"))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/messages", json.dumps(req()), {"Content-Type": "application/json"})
+        assert json.loads(conn.getresponse().read())["content"][0]["text"] == "from the CLI"
+        assert upstream.requests[0]["body"]["model"] == "dot-big"
+        assert upstream.requests[0]["headers"]["Authorization"] == "Bearer from-dotenv-key"
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+
+
+def test_command_line_check_masks_keys(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--check",
+                             "--openai-api-key", "sk-very-secret"], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    assert result.returncode == 0 and b"sk-very-secret" not in result.stdout
+    assert b"OPENAI_API_KEY     set (14 characters)" in result.stdout
