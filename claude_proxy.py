@@ -30,6 +30,7 @@ import argparse
 import ast
 import base64
 import dataclasses
+import hashlib
 import hmac
 import http.client
 import http.server
@@ -44,11 +45,12 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("claude_proxy")
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 # =============================================================================================
@@ -84,6 +86,15 @@ class Settings:
     connect_timeout: float = _setting(10.0, "CONNECT_TIMEOUT", "seconds to open an upstream connection")
     ping_interval: float = _setting(
         5.0, "PING_INTERVAL", "seconds of upstream silence before a stream gets a ping")
+    provider: str = _setting(
+        "auto", "PROVIDER", "upstream dialect: auto (from the base URL and model) or one of "
+        "openai, azure, gemini, deepseek, openrouter, mistral, groq, ollama, vllm, llamacpp, "
+        "lmstudio, generic")
+    azure_api_version: str = _setting(
+        "2024-10-21", "AZURE_API_VERSION", "api-version for Azure OpenAI deployment URLs")
+    reasoning_replay: str = _setting(
+        "auto", "REASONING_REPLAY", "assistant field that carries earlier reasoning back upstream: "
+        "auto (DeepSeek: reasoning_content), off, reasoning_content or reasoning")
 
     @property
     def middle(self) -> str:
@@ -162,6 +173,73 @@ def describe_settings(settings: Settings) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# Providers: every way an upstream bends the Chat Completions format is named here, once.
+# The stream translator copes with the response-side bends of all of them at once (they do
+# not conflict); the request side is shaped by the dialect below.
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    name: str
+    api_key_header: bool = False           # Azure: `api-key: KEY` instead of Bearer
+    completion_tokens_field: bool = False  # OpenAI: max_completion_tokens for every model
+    clean_schemas: bool = False            # Gemini: rejects JSON-schema keywords outside OpenAPI 3.0
+    short_tool_ids: bool = False           # Mistral: tool call ids of exactly 9 [a-zA-Z0-9]
+    reasoning_replay: str = ""             # field that carries earlier reasoning back, or ""
+    reasoning_object: bool = False         # OpenRouter: reasoning: {effort} for every model
+    thought_signatures: bool = False       # Gemini 3: replayed tool calls need a thought_signature
+    accepts_pdf: bool = True               # takes {"type": "file"} parts with a PDF
+
+
+DIALECTS = {d.name: d for d in (
+    Dialect("openai", completion_tokens_field=True),
+    Dialect("azure", api_key_header=True),
+    Dialect("gemini", clean_schemas=True, thought_signatures=True),
+    # DeepSeek (thinking mode with tools): 400 unless earlier reasoning comes back.
+    Dialect("deepseek", reasoning_replay="reasoning_content", accepts_pdf=False),
+    Dialect("openrouter", reasoning_object=True),
+    Dialect("mistral", short_tool_ids=True, accepts_pdf=False),
+    Dialect("groq", accepts_pdf=False),
+    Dialect("ollama", accepts_pdf=False),
+    Dialect("vllm", accepts_pdf=False),
+    Dialect("llamacpp", accepts_pdf=False),
+    Dialect("lmstudio", accepts_pdf=False),
+    Dialect("generic"),
+)}
+
+# (substring of the base URL's host:port, dialect), first match wins
+PROVIDER_HOSTS = (
+    (".openai.azure.com", "azure"), (".cognitiveservices.azure.com", "azure"),
+    (".services.ai.azure.com", "azure"), ("generativelanguage.googleapis.com", "gemini"),
+    ("api.deepseek.com", "deepseek"), ("openrouter.ai", "openrouter"), ("api.mistral.ai", "mistral"),
+    ("api.groq.com", "groq"), ("api.openai.com", "openai"), (":11434", "ollama"), (":1234", "lmstudio"),
+)
+# Mistral's chat templates (mlx-lm, llama.cpp) enforce its 9-character ids on any server.
+MISTRAL_MODELS = re.compile(r"mistral|mixtral|codestral|devstral|magistral|ministral|pixtral", re.I)
+
+
+def resolve_dialect(settings: Settings, model: str) -> Dialect:
+    """The dialect for an upstream model: PROVIDER if set, else from the base URL's host, then
+    adjusted by the model name (a Gemini model needs clean schemas wherever it runs)."""
+    name = settings.provider.lower()
+    if name == "auto":
+        netloc = urllib.parse.urlsplit(settings.openai_base_url).netloc.lower()
+        name = next((d for host, d in PROVIDER_HOSTS if host in netloc), "generic")
+    if name not in DIALECTS:
+        raise ValueError("PROVIDER must be auto or one of %s, got %r" % (", ".join(DIALECTS), name))
+    dialect = DIALECTS[name]
+    lower = model.lower()
+    if "gemini" in lower and not dialect.clean_schemas and name != "openrouter":
+        dialect = dataclasses.replace(dialect, clean_schemas=True)
+    if MISTRAL_MODELS.search(lower) and name in ("generic", "vllm", "llamacpp", "lmstudio", "ollama"):
+        dialect = dataclasses.replace(dialect, short_tool_ids=True)
+    replay = settings.reasoning_replay.lower()
+    if replay != "auto":
+        dialect = dataclasses.replace(dialect, reasoning_replay="" if replay == "off" else replay)
+    return dialect
+
+
 # =============================================================================================
 # Errors
 # =============================================================================================
@@ -179,6 +257,9 @@ class ProxyError(Exception):
         self.error_type = error_type
         self.message = message
         self.headers = dict(headers or {})
+        self.upstream_status = 0                 # set for errors the upstream answered
+        self.param: Any = None
+        self.upstream_message = ""
         if status < 500 and status not in (408, 409, 429):
             self.headers.setdefault("x-should-retry", "false")
 
@@ -248,6 +329,11 @@ def upstream_error(status: int, body: bytes, retry_after: Optional[str]) -> Prox
     # OpenAI's "insufficient_quota" is a 429 that no retry fixes.
     if status == 429 and "quota" in message.lower():
         error.headers["x-should-retry"] = "false"
+    inner = payload[0] if isinstance(payload, list) and payload else payload
+    inner = inner.get("error", inner) if isinstance(inner, dict) else None
+    error.upstream_status = status
+    error.param = inner.get("param") if isinstance(inner, dict) else None
+    error.upstream_message = message
     return error
 
 
@@ -272,8 +358,20 @@ def upstream_error(status: int, body: bytes, retry_after: Optional[str]) -> Prox
 #   context_management, service_tier, ...) are ignored.
 
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+THINKING_SIGNATURE_PREFIX = "ccp1."
 INTERRUPTED_RESULT = "[The tool call was interrupted; it produced no result.]"
 IMAGE_IN_NEXT_MESSAGE = "[image attached in the next message]"
+
+
+def thinking_signature(thinking: str) -> str:
+    """The signature of a thinking block this proxy made: it marks the block as ours and binds
+    it to its text, so the reasoning can be replayed upstream when the client sends it back."""
+    return THINKING_SIGNATURE_PREFIX + hashlib.sha256(thinking.encode("utf-8")).hexdigest()[:32]
+
+
+def is_proxy_signature(signature: Any, thinking: Any) -> bool:
+    return (isinstance(signature, str) and signature.startswith(THINKING_SIGNATURE_PREFIX)
+            and isinstance(thinking, str) and signature == thinking_signature(thinking))
 
 
 def map_model(model: str, settings: Settings) -> str:
@@ -400,8 +498,8 @@ def _tool_call(block: Dict[str, Any]) -> Dict[str, Any]:
         "arguments": json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)}}
 
 
-def _assistant_message(content: Any, where: str) -> Optional[Dict[str, Any]]:
-    texts, calls = [], []
+def _assistant_message(content: Any, where: str, reasoning_field: str) -> Optional[Dict[str, Any]]:
+    texts, calls, reasoning = [], [], []
     for block in _blocks(content, where):
         kind = block.get("type")
         if kind == "text":
@@ -409,8 +507,12 @@ def _assistant_message(content: Any, where: str) -> Optional[Dict[str, Any]]:
                 texts.append(block["text"])
         elif kind == "tool_use":
             calls.append(_tool_call(block))
-        elif kind in ("thinking", "redacted_thinking", "server_tool_use"):
-            continue  # dropped: reasoning is not replayed; server tools cannot run upstream
+        elif kind == "thinking":
+            # Only reasoning this proxy produced goes back, and only to providers that want it.
+            if reasoning_field and is_proxy_signature(block.get("signature"), block.get("thinking")):
+                reasoning.append(block["thinking"])
+        elif kind in ("redacted_thinking", "server_tool_use"):
+            continue  # meaningful to Anthropic only; server tools cannot run upstream
         else:
             texts.extend(p["text"] for p in _user_block_parts(block, where) if p["type"] == "text")
     if not texts and not calls:
@@ -418,6 +520,9 @@ def _assistant_message(content: Any, where: str) -> Optional[Dict[str, Any]]:
     message: Dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) if texts else None}
     if calls:
         message["tool_calls"] = calls
+    if reasoning_field:
+        # DeepSeek wants the field on every assistant message once thinking is on.
+        message[reasoning_field] = "\n\n".join(reasoning)
     return message
 
 
@@ -447,7 +552,7 @@ def _system_reminder(text: str) -> str:
     return "<system-reminder>\n%s\n</system-reminder>" % text
 
 
-def convert_messages(messages: List[Any]) -> List[Dict[str, Any]]:
+def convert_messages(messages: List[Any], reasoning_field: str = "") -> List[Dict[str, Any]]:
     """Anthropic `messages` -> OpenAI messages (the leading system message is added elsewhere)."""
     out: List[Dict[str, Any]] = []
     pending: List[str] = []        # tool call ids of the last assistant message, not yet answered
@@ -459,7 +564,7 @@ def convert_messages(messages: List[Any]) -> List[Dict[str, Any]]:
         if role == "assistant":
             if pending:
                 _answer_calls(out, pending, {})
-            converted = _assistant_message(content, where)
+            converted = _assistant_message(content, where, reasoning_field)
             pending = [c["id"] for c in converted.get("tool_calls", ())] if converted else []
             if converted:
                 out.append(converted)
@@ -549,19 +654,41 @@ def validate_request(request: Any) -> Dict[str, Any]:
     return request
 
 
-def to_openai(request: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
+def reasoning_effort(request: Dict[str, Any]) -> Optional[str]:
+    """Claude's effort (output_config.effort) or thinking budget as an OpenAI reasoning_effort."""
+    thinking = request.get("thinking") if isinstance(request.get("thinking"), dict) else {}
+    if thinking.get("type") == "disabled":
+        return None
+    config = request.get("output_config") if isinstance(request.get("output_config"), dict) else {}
+    if config.get("effort") in EFFORT_LEVELS:
+        return EFFORT_LEVELS[config["effort"]]
+    budget = thinking.get("budget_tokens")
+    if thinking.get("type") == "enabled" and isinstance(budget, int):
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    return None
+
+
+EFFORT_LEVELS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+# Models known to take reasoning_effort; others get it only through OpenRouter's `reasoning`.
+REASONING_EFFORT_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5|gpt-oss|gemini-(2\.5|3))", re.I)
+
+
+def to_openai(request: Dict[str, Any], settings: Settings,
+              dialect: Optional[Dialect] = None) -> Dict[str, Any]:
     """A validated Anthropic Messages request -> a Chat Completions request (a new dict)."""
-    messages = convert_messages(request["messages"])
+    model = map_model(request["model"], settings)
+    dialect = dialect or resolve_dialect(settings, model)
+    messages = adapt_messages(convert_messages(request["messages"], dialect.reasoning_replay), dialect)
     system = _system_text(request.get("system"))
     if system:
         messages.insert(0, {"role": "system", "content": system})
-    body: Dict[str, Any] = {"model": map_model(request["model"], settings), "messages": messages}
+    body: Dict[str, Any] = {"model": model, "messages": messages}
 
     max_tokens = request.get("max_tokens")
     if max_tokens is not None:
         if settings.max_tokens_limit:
             max_tokens = min(max_tokens, settings.max_tokens_limit)
-        body["max_tokens"] = max_tokens
+        body["max_completion_tokens" if dialect.completion_tokens_field else "max_tokens"] = max_tokens
     for name in ("temperature", "top_p"):
         if request.get(name) is not None:
             body[name] = request[name]
@@ -571,6 +698,12 @@ def to_openai(request: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
     if request.get("stream"):
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    effort = reasoning_effort(request)
+    if effort:
+        if dialect.reasoning_object:
+            body["reasoning"] = {"effort": effort}
+        elif REASONING_EFFORT_MODELS.search(model):
+            body["reasoning_effort"] = effort
 
     tools = []
     for tool in request.get("tools") or ():
@@ -578,7 +711,10 @@ def to_openai(request: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
             # Server tools (web_search_20250305, ...) run at Anthropic only.
             log.info("server tool %r dropped: the upstream cannot run it", tool.get("type"))
             continue
-        tools.append(_function_tool(tool))
+        function_tool = _function_tool(tool)
+        if dialect.clean_schemas:
+            function_tool["function"]["parameters"] = clean_schema(function_tool["function"]["parameters"])
+        tools.append(function_tool)
     choice = request.get("tool_choice")
     if tools:
         body["tools"] = tools
@@ -587,6 +723,189 @@ def to_openai(request: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
             if choice.get("disable_parallel_tool_use") and choice.get("type") != "none":
                 body["parallel_tool_calls"] = False
     return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Dialect adaptations of the translated messages and tools
+
+
+def short_tool_id(tool_id: str) -> str:
+    """Mistral: a tool call id of exactly 9 [a-zA-Z0-9], the same for the same input id, so a
+    call and its result still pair up. Ids already of that form are kept."""
+    if len(tool_id) == 9 and tool_id.isalnum() and tool_id.isascii():
+        return tool_id
+    number = int.from_bytes(hashlib.sha256(tool_id.encode("utf-8")).digest()[:8], "big")
+    chars = []
+    for _ in range(9):
+        number, digit = divmod(number, 62)
+        chars.append(_BASE62[digit])
+    return "".join(chars)
+
+
+# Gemini documents this value for tool calls whose thought signature it never issued.
+GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
+
+
+def adapt_messages(messages: List[Dict[str, Any]], dialect: Dialect) -> List[Dict[str, Any]]:
+    """Tool call ids for Mistral, thought signatures for Gemini, a clear 400 for a PDF the
+    provider cannot take. Returns new message dicts where something changed."""
+    if not (dialect.short_tool_ids or dialect.thought_signatures or not dialect.accepts_pdf):
+        return messages
+    adapted = []
+    for message in messages:
+        role = message["role"]
+        if role == "assistant" and message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                call = dict(call)
+                if dialect.short_tool_ids:
+                    call["id"] = short_tool_id(call["id"])
+                if dialect.thought_signatures:
+                    call["extra_content"] = {"google": {"thought_signature": GEMINI_SKIP_SIGNATURE}}
+                calls.append(call)
+            message = dict(message, tool_calls=calls)
+        elif role == "tool" and dialect.short_tool_ids:
+            message = dict(message, tool_call_id=short_tool_id(message["tool_call_id"]))
+        elif role == "user" and not dialect.accepts_pdf and isinstance(message["content"], list) and any(
+                part["type"] == "file" for part in message["content"]):
+            raise _invalid("the upstream provider (%s) does not take PDF documents; send the text "
+                           "of the document instead, or use a provider that reads PDFs (openai, "
+                           "azure, openrouter, gemini)" % dialect.name)
+        adapted.append(message)
+    return adapted
+
+
+# Gemini takes an OpenAPI 3.0 subset of JSON Schema and answers 400 "Unknown name" to the rest.
+GEMINI_DROPPED_KEYWORDS = frozenset((
+    "$schema", "$id", "$comment", "$defs", "definitions", "additionalProperties", "propertyNames",
+    "patternProperties", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+    "default", "readOnly", "writeOnly", "examples", "unevaluatedProperties", "unevaluatedItems",
+    "contains", "minContains", "maxContains", "dependentRequired", "dependentSchemas", "if", "then",
+    "else", "not", "deprecated", "contentEncoding", "contentMediaType"))
+GEMINI_FORMATS = ("enum", "date-time")
+SCHEMA_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def clean_schema(schema: Any, definitions: Optional[Dict[str, Any]] = None, depth: int = 0) -> Any:
+    """A copy of a JSON schema that Gemini accepts: unknown keywords dropped, `const` as a
+    one-value `enum`, `$ref` inlined, `type: [x, "null"]` as `type: x` + `nullable`."""
+    if not isinstance(schema, dict) or depth > 32:
+        return schema
+    if definitions is None:
+        definitions = dict(schema.get("definitions") or {}, **(schema.get("$defs") or {}))
+    if isinstance(schema.get("$ref"), str):
+        target = definitions.get(schema["$ref"].rsplit("/", 1)[-1])
+        merged = dict(target) if isinstance(target, dict) else {"type": "object"}
+        merged.update((k, v) for k, v in schema.items() if k != "$ref")
+        return clean_schema(merged, definitions, depth + 1)
+    cleaned: Dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in GEMINI_DROPPED_KEYWORDS or key == "$ref":
+            continue
+        if key == "const":
+            cleaned["enum"] = [value]
+        elif key == "format":
+            if value in GEMINI_FORMATS:
+                cleaned[key] = value
+        elif key == "type" and isinstance(value, list):
+            types = [t for t in value if t != "null"]
+            cleaned["type"] = types[0] if types else "string"
+            if len(types) < len(value):
+                cleaned["nullable"] = True
+        elif key == "properties" and isinstance(value, dict):
+            cleaned[key] = {name: clean_schema(sub, definitions, depth + 1) for name, sub in value.items()}
+        elif key == "items":
+            cleaned[key] = clean_schema(value, definitions, depth + 1)
+        elif key in SCHEMA_LIST_KEYWORDS and isinstance(value, list):
+            cleaned["anyOf" if key == "oneOf" else key] = [clean_schema(v, definitions, depth + 1) for v in value]
+        else:
+            cleaned[key] = value
+    if isinstance(cleaned.get("required"), list) and isinstance(cleaned.get("properties"), dict):
+        cleaned["required"] = [name for name in cleaned["required"] if name in cleaned["properties"]]
+    return cleaned
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter negotiation: what each model accepts. Name rules where they are certain; the rest
+# is learned from the upstream's 400 naming a parameter or a limit, fixed in one retry, and
+# remembered for the model for the life of the process.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFixes:
+    drop: FrozenSet[str] = frozenset()        # parameters the model rejects
+    completion_tokens_field: bool = False     # max_tokens must be sent as max_completion_tokens
+    max_output: int = 0                       # the model's output limit, when known
+
+    def merge(self, other: "ModelFixes") -> "ModelFixes":
+        limits = [n for n in (self.max_output, other.max_output) if n]
+        return ModelFixes(self.drop | other.drop,
+                          self.completion_tokens_field or other.completion_tokens_field,
+                          min(limits) if limits else 0)
+
+
+NO_FIXES = ModelFixes()
+# OpenAI reasoning models reject max_tokens, temperature and top_p.
+OPENAI_REASONING_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5(?!-chat))", re.I)
+# Parameters a model may reject that the request can do without.
+DROPPABLE_PARAMETERS = ("temperature", "top_p", "stop", "stream_options", "parallel_tool_calls",
+                        "reasoning_effort", "reasoning", "tool_choice")
+REJECTION_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "not permitted",
+                   "extra inputs", "not allowed", "does not support", "invalid")
+# (pattern, how to get the limit from its groups)
+OUTPUT_LIMIT_PATTERNS = (
+    (re.compile(r"supports at most (\d+) completion tokens"), lambda g: int(g[0])),            # OpenAI
+    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d+)\]"), lambda g: int(g[0])),        # DeepSeek
+    (re.compile(r"max_tokens`? must be less than or equal to `?(\d+)"), lambda g: int(g[0])),  # Groq
+    (re.compile(r"maximum context length is (\d+) tokens and your request has (\d+) input"),  # vLLM
+     lambda g: int(g[0]) - int(g[1])),
+    (re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
+                r"\((\d+) in the messages"), lambda g: int(g[0]) - int(g[1])),
+    (re.compile(r"> (\d+), which is the maximum allowed"), lambda g: int(g[0])),
+)
+
+
+def fixes_by_name(model: str) -> ModelFixes:
+    if OPENAI_REASONING_MODELS.search(model):
+        return ModelFixes(frozenset(("temperature", "top_p")), completion_tokens_field=True)
+    return NO_FIXES
+
+
+def apply_fixes(body: Dict[str, Any], fixes: ModelFixes) -> Dict[str, Any]:
+    """The request with a model's fixes applied (a new dict; the same one if nothing applies)."""
+    if fixes == NO_FIXES:
+        return body
+    body = {k: v for k, v in body.items() if k not in fixes.drop}
+    if fixes.completion_tokens_field and "max_tokens" in body:
+        body["max_completion_tokens"] = body.pop("max_tokens")
+    if fixes.max_output:
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int) and body[key] > fixes.max_output:
+                body[key] = fixes.max_output
+    return body
+
+
+def _names_parameter(message: str, name: str) -> bool:
+    return re.search(r"(['\"`\[]|supplied: |parameter: |argument: |\bbody\W+)%s\b" % re.escape(name), message) is not None
+
+
+def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Optional[ModelFixes]:
+    """The fix an upstream 400 asks for, or None if it names no parameter or limit we can fix."""
+    lower = message.lower()
+    current = body.get("max_tokens") or body.get("max_completion_tokens")
+    if isinstance(current, int):
+        for pattern, limit_of in OUTPUT_LIMIT_PATTERNS:
+            match = pattern.search(message)
+            if match:
+                limit = limit_of(match.groups())
+                return ModelFixes(max_output=limit) if 0 < limit < current else None
+    if "max_tokens" in body and "max_completion_tokens" in message and any(w in lower for w in REJECTION_WORDS):
+        return ModelFixes(completion_tokens_field=True)
+    if any(w in lower for w in REJECTION_WORDS):
+        for name in DROPPABLE_PARAMETERS:
+            if name in body and (param == name or _names_parameter(message, name)):
+                return ModelFixes(drop=frozenset((name,)))
+    return None
 
 
 # =============================================================================================
@@ -606,7 +925,6 @@ def to_openai(request: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
 
 FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                   "function_call": "tool_use", "content_filter": "refusal"}
-THINKING_SIGNATURE = "claude-code-proxy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,7 +1025,7 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
     content: List[Dict[str, Any]] = []
     reasoning = _reasoning_of(message)
     if reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": THINKING_SIGNATURE})
+        content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
     text = _content_text(message.get("content"))
     calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
     stop_reason, stop_sequence = stop_reason_for(
@@ -793,6 +1111,7 @@ class StreamTranslator:
         self.matched_stop: Any = None
         self.usage: Optional[Dict[str, Any]] = None
         self.text_tail = ""
+        self.thinking: List[str] = []              # text of the open thinking block
         self.tail_length = max((len(s) for s in ctx.stop_sequences), default=0)
         self.output_chars = 0
         self.ended = False
@@ -891,8 +1210,10 @@ class StreamTranslator:
             return
         index = self.next_index - 1
         if self.open == "thinking":
+            signature = thinking_signature("".join(self.thinking))
+            self.thinking = []
             events.append({"type": "content_block_delta", "index": index,
-                           "delta": {"type": "signature_delta", "signature": THINKING_SIGNATURE}})
+                           "delta": {"type": "signature_delta", "signature": signature}})
         elif self.open == "tool":
             if not self.current.sent:
                 # The arguments must add up to a JSON object; a call without any is {}.
@@ -906,6 +1227,7 @@ class StreamTranslator:
         if self.open != "thinking":
             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, events)
         self.output_chars += len(text)
+        self.thinking.append(text)
         events.append({"type": "content_block_delta", "index": self.next_index - 1,
                        "delta": {"type": "thinking_delta", "thinking": text}})
 
@@ -1128,7 +1450,7 @@ class UpstreamPool:
     def url_path(self, path: str) -> str:
         target = self.base_path + path
         if self.base_query:
-            target += "?" + self.base_query
+            target += ("&" if "?" in target else "?") + self.base_query
         if self.proxy is not None and not self.https:
             target = self.origin + target        # a plain-HTTP proxy takes the absolute URL
         return target
@@ -1199,6 +1521,15 @@ class UpstreamPool:
         raise AssertionError("unreachable")
 
 
+def describe_fix(fix: ModelFixes) -> str:
+    parts = ["without %s" % name for name in sorted(fix.drop)]
+    if fix.completion_tokens_field:
+        parts.append("max_completion_tokens instead of max_tokens")
+    if fix.max_output:
+        parts.append("at most %d output tokens" % fix.max_output)
+    return ", ".join(parts)
+
+
 def transport_error(exc: BaseException, origin: str) -> ProxyError:
     if isinstance(exc, socket.timeout):
         return ProxyError(504, "timeout_error", "upstream %s did not answer in time" % origin)
@@ -1241,7 +1572,6 @@ def iter_sse_data(lines: Iterable[bytes], origin: str = "upstream") -> Iterator[
 # =============================================================================================
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def new_id(prefix: str) -> str:
@@ -1360,13 +1690,46 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, settings: Settings, pool: Optional[UpstreamPool] = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool = pool or UpstreamPool(settings.openai_base_url, settings.connect_timeout,
-                                         settings.request_timeout)
+        self.base_dialect = resolve_dialect(settings, "")
+        self.pool = UpstreamPool(settings.openai_base_url, settings.connect_timeout, settings.request_timeout)
+        self.chat_path = "/chat/completions"
+        if self.base_dialect.name == "azure" and "api-version=" not in self.pool.base_query and \
+                "/openai/v1" not in self.pool.base_path:
+            # Azure deployment URLs (…/openai/deployments/NAME) require an api-version.
+            self.chat_path += "?api-version=" + urllib.parse.quote(settings.azure_api_version)
+        key = settings.openai_api_key
+        self.upstream_headers = {
+            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+            "User-Agent": "claude-code-proxy/" + __version__}
+        if self.base_dialect.api_key_header:
+            self.upstream_headers["api-key"] = key
+        elif key:
+            self.upstream_headers["Authorization"] = "Bearer " + key
         self.heartbeat = Heartbeat(settings.ping_interval)
         self.secrets = tuple(s for s in (settings.openai_api_key, settings.anthropic_api_key) if len(s) >= 4)
+        self.dialects: Dict[str, Dialect] = {}
+        self.learned: Dict[str, ModelFixes] = {}
+        self.learned_lock = threading.Lock()
         super().__init__((settings.host, settings.port), Handler)
+
+    def dialect_for(self, model: str) -> Dialect:
+        dialect = self.dialects.get(model)
+        if dialect is None:
+            dialect = self.dialects[model] = resolve_dialect(self.settings, model)
+        return dialect
+
+    def fixes_for(self, model: str) -> ModelFixes:
+        return fixes_by_name(model).merge(self.learned.get(model, NO_FIXES))
+
+    def learn(self, model: str, fix: ModelFixes, reason: str) -> None:
+        with self.learned_lock:
+            before = self.learned.get(model, NO_FIXES)
+            self.learned[model] = before.merge(fix)
+        if self.learned[model] != before:
+            log.info("model %s: %s from now on (upstream said: %s)", model, describe_fix(fix),
+                     self.redact(reason)[:200])
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -1546,32 +1909,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def messages(self, body: bytes) -> None:
         request = validate_request(parse_json(body))
-        settings = self.server.settings
-        openai_request = to_openai(request, settings)
-        self.log_note = "%s -> %s%s" % (request["model"], openai_request["model"],
-                                        " stream" if request.get("stream") else "")
+        server = self.server
+        model = map_model(request["model"], server.settings)
+        openai_request = apply_fixes(to_openai(request, server.settings, server.dialect_for(model)),
+                                     server.fixes_for(model))
+        stream = bool(request.get("stream"))
+        self.log_note = "%s -> %s%s" % (request["model"], model, " stream" if stream else "")
         ctx = ResponseContext(
             model=request["model"], message_id=new_id("msg_"),
             stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),
-            input_tokens=estimate_tokens(request) if request.get("stream") else 0)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("upstream request: %s", json.dumps(openai_request)[:4000])
-        pool = self.server.pool
-        conn, response = pool.post("/chat/completions", json.dumps(
-            openai_request, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), {
-            "Content-Type": "application/json",
-            "Authorization": "Bearer " + settings.openai_api_key,
-            "Accept": "text/event-stream" if request.get("stream") else "application/json",
-            "User-Agent": "claude-code-proxy/" + __version__})
+            input_tokens=estimate_tokens(request) if stream else 0)
+        conn, response = self._post_upstream(openai_request)
         try:
-            if response.status != 200:
-                error = upstream_error(response.status, read_body(response, pool.origin),
-                                       response.getheader("retry-after"))
-                self._release(conn, response)
-                log.warning("upstream answered %d: %s", response.status, self.server.redact(error.message))
-                raise error
             is_sse = "text/event-stream" in (response.getheader("Content-Type") or "")
-            if request.get("stream"):
+            if stream:
                 if is_sse:
                     return self._stream(conn, response, ctx)
                 message = self._completion_message(conn, response, ctx)
@@ -1580,7 +1931,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
                 events = translator.start()
                 saw_done = False
-                for data in iter_sse_data(response, pool.origin):
+                for data in iter_sse_data(response, server.pool.origin):
                     if data == "[DONE]":
                         saw_done = True
                         break
@@ -1592,6 +1943,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             if not self.upstream_released:
                 conn.close()
+
+    def _post_upstream(self, openai_request: Dict[str, Any]
+                       ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """POST the request; an answer other than 200 becomes a ProxyError. When the upstream
+        answers 400 naming a parameter or a limit the model cannot take, the request is fixed
+        and sent once more, and the fix is remembered for the model."""
+        server = self.server
+        model = openai_request["model"]
+        for attempt in (1, 2):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("upstream request: %s", json.dumps(openai_request)[:4000])
+            conn, response = server.pool.post(server.chat_path, json.dumps(
+                openai_request, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+                server.upstream_headers)
+            if response.status == 200:
+                self.upstream_released = False
+                return conn, response
+            error = upstream_error(response.status, read_body(response, server.pool.origin),
+                                   response.getheader("retry-after"))
+            self._release(conn, response)
+            if not self.upstream_released:
+                conn.close()
+            fix = None
+            if attempt == 1 and response.status in (400, 422):
+                fix = fix_from_error(openai_request, error.upstream_message, error.param)
+            if fix is None:
+                log.warning("upstream answered %d: %s", response.status, server.redact(error.message))
+                raise error
+            server.learn(model, fix, error.upstream_message)
+            openai_request = apply_fixes(openai_request, fix)
+        raise AssertionError("unreachable")
 
     # -- upstream answer --------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ end to end against a scripted fake OpenAI upstream on 127.0.0.1 (port 0)."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import http.server
 import json
@@ -19,7 +20,7 @@ import pytest
 import claude_proxy as cp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETTINGS = cp.Settings()
+SETTINGS = cp.Settings(openai_base_url="http://127.0.0.1:9/v1")   # a generic upstream
 
 
 def ids(prefix="toolu_gen"):
@@ -356,8 +357,9 @@ def test_middle_model_defaults_to_big_model():
 def test_max_tokens_limit_caps_only_when_set():
     request = req(max_tokens=64000)
     assert cp.to_openai(request, SETTINGS)["max_tokens"] == 64000
-    assert cp.to_openai(request, cp.Settings(max_tokens_limit=8192))["max_tokens"] == 8192
-    assert cp.to_openai(req(max_tokens=100), cp.Settings(max_tokens_limit=8192))["max_tokens"] == 100
+    limited = dataclasses.replace(SETTINGS, max_tokens_limit=8192)
+    assert cp.to_openai(request, limited)["max_tokens"] == 8192
+    assert cp.to_openai(req(max_tokens=100), limited)["max_tokens"] == 100
 
 
 @pytest.mark.parametrize("request_body,message", [
@@ -426,7 +428,7 @@ RESPONSE_CASES = [
     ("stop sequence reported by vLLM", completion({"content": "abc"}, stop_reason="END"),
      message_out([{"type": "text", "text": "abc"}], "stop_sequence", "END")),
     ("reasoning becomes a thinking block first", completion({"content": "4", "reasoning_content": "2+2"}),
-     message_out([{"type": "thinking", "thinking": "2+2", "signature": cp.THINKING_SIGNATURE},
+     message_out([{"type": "thinking", "thinking": "2+2", "signature": cp.thinking_signature("2+2")},
                   {"type": "text", "text": "4"}])),
     ("cached tokens reported as cache reads, not input",
      completion({"content": "x"}, usage={"prompt_tokens": 100, "completion_tokens": 3,
@@ -566,7 +568,7 @@ def test_stream_reasoning_then_text():
         ("content_block_start", None),
         ("content_block_delta", {"type": "thinking_delta", "thinking": "think"}),
         ("content_block_delta", {"type": "thinking_delta", "thinking": " more"}),
-        ("content_block_delta", {"type": "signature_delta", "signature": cp.THINKING_SIGNATURE}),
+        ("content_block_delta", {"type": "signature_delta", "signature": cp.thinking_signature("think more")}),
         ("content_block_stop", None)]
     assert cp.assemble_message(events)["content"][1] == {"type": "text", "text": "answer"}
 
