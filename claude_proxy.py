@@ -1091,9 +1091,10 @@ class StreamTranslator:
 
     Opening a block closes the open one (thinking closes with a signature_delta; a tool call
     that sent no arguments gets "{}"), so exactly one block is open and indices go 0, 1, 2.
-    Tool calls are keyed by their `index`; a fragment with no index belongs to the last call,
-    and a fragment whose id differs from the call at its index starts a new call (Gemini sends
-    parallel calls all at index 0). Fragments of the open call go out as they arrive. A call
+    Tool calls are keyed by their `index`; a fragment with no index belongs to the last call
+    unless it names a function after that call's arguments are complete, and a fragment whose
+    id differs from the call at its index starts a new call (Gemini sends parallel calls all at
+    index 0, sometimes with no index or id at all). Fragments of the open call go out as they arrive. A call
     that starts while another is still open (interleaved parallel calls) waits, its fragments
     buffered, until the open call's arguments form complete JSON or the stream ends.
     """
@@ -1256,6 +1257,9 @@ class StreamTranslator:
             self.calls[-1] if self.calls else None)
         if call is not None and call_id and call.id and call_id != call.id:
             call = None                              # Gemini: a new call at a repeated index
+        elif call is not None and index is None and not call_id and name and call.name and (
+                name != call.name or _complete_json(call.arguments)):
+            call = None                              # a new call with neither index nor id
         if call is None:
             call = _ToolCall(call_id or self.new_tool_id(), name)
             self.calls.append(call)

@@ -627,6 +627,351 @@ def test_iter_sse_data_follows_the_spec():
 
 
 # =============================================================================================
+# Providers: each documented bend of the format, named after the provider that sends it
+# =============================================================================================
+
+
+def test_azure_prompt_filter_chunk_no_delta_chunk_and_content_filter_finish():
+    events = run_translator([
+        {"id": "", "model": "", "object": "", "choices": [], "prompt_filter_results": [
+            {"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False, "severity": "safe"}}}]},
+        chunk({"role": "assistant", "content": ""}),
+        dict(chunk({"content": "Some"}), choices=[{"index": 0, "delta": {"content": "Some"}, "finish_reason": None,
+                                                    "content_filter_results": {"hate": {"filtered": False}}}]),
+        {"id": "c", "choices": [{"index": 0, "finish_reason": None, "content_filter_offsets": {"check_offset": 0}}]},
+        chunk({}, "content_filter")])
+    assert [(e["type"], e.get("delta")) for e in non_meta(events)] == [
+        ("content_block_start", None), ("content_block_delta", {"type": "text_delta", "text": "Some"}),
+        ("content_block_stop", None),
+        ("message_delta", {"stop_reason": "refusal", "stop_sequence": None}), ("message_stop", None)]
+
+
+def test_ollama_tool_call_whole_in_one_chunk_then_finish_stop():
+    events = run_translator([
+        chunk({"role": "assistant", "content": "", "tool_calls": [{"id": "call_x", "index": 0, "type": "function",
+              "function": {"name": "Bash", "arguments": '{"command":"ls -la"}'}}]}),
+        chunk({"content": ""}, "stop"), chunk(usage={"prompt_tokens": 50, "completion_tokens": 20})])
+    assert non_meta(events)[:3] == [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "call_x", "name": "Bash", "input": {}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": '{"command":"ls -la"}'}},
+        {"type": "content_block_stop", "index": 0}]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_ollama_non_stream_tool_call_with_finish_stop():
+    message = cp.to_anthropic(completion({"content": "", "tool_calls": [{"id": "call_x", "function": {
+        "name": "Bash", "arguments": {"command": "ls"}}}]}, "stop"), CTX, ids())
+    assert message["stop_reason"] == "tool_use" and message["content"][0]["input"] == {"command": "ls"}
+
+
+def test_gemini_parallel_calls_all_at_index_0_and_missing_ids():
+    events = run_translator([
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                                     "function": {"name": "Read", "arguments": '{"path":"a"}'}}]}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_b", "type": "function",
+                               "function": {"name": "Read", "arguments": '{"path":"b"}'}}]}),
+        chunk({"tool_calls": [{"type": "function", "function": {"name": "Glob", "arguments": '{"pattern":"*"}'}}]}),
+        chunk({}, "stop")])
+    message = cp.assemble_message(events)
+    assert [(b["id"], b["name"], b["input"]) for b in message["content"]] == [
+        ("call_a", "Read", {"path": "a"}), ("call_b", "Read", {"path": "b"}), ("toolu_gen1", "Glob", {"pattern": "*"})]
+    assert message["stop_reason"] == "tool_use"
+
+
+def test_gemini_tool_call_split_without_index_continues_the_last_call():
+    events = run_translator([
+        chunk({"tool_calls": [{"id": "call_a", "function": {"name": "Write", "arguments": '{"file_path":'}}]}),
+        chunk({"tool_calls": [{"function": {"arguments": ' "x.py"}'}}]}), chunk({}, "tool_calls")])
+    assert cp.assemble_message(events)["content"][0]["input"] == {"file_path": "x.py"}
+
+
+def test_any_provider_usage_on_every_chunk_keeps_the_last():
+    events = run_translator([
+        chunk({"content": "a"}, usage={"prompt_tokens": 40, "completion_tokens": 1}),
+        chunk({"content": "b"}, usage={"prompt_tokens": 40, "completion_tokens": 2}),
+        chunk({}, "stop", usage={"prompt_tokens": 40, "completion_tokens": 3})])
+    assert events[-2]["usage"]["output_tokens"] == 3 and events[-2]["usage"]["input_tokens"] == 40
+
+
+def test_any_provider_null_and_empty_content_and_role_chunk_open_no_block():
+    events = run_translator([chunk({"role": "assistant", "content": None}), chunk({"content": ""}),
+                             chunk({"role": "assistant"}), chunk({}, "stop")])
+    assert [e["type"] for e in non_meta(events)] == ["message_delta", "message_stop"]
+
+
+def test_any_provider_arguments_sent_as_an_object_in_a_stream():
+    events = run_translator([chunk(tool_delta(0, {"command": "pwd"}, "call_1", "Bash")), chunk({}, "tool_calls")])
+    assert cp.assemble_message(events)["content"][0]["input"] == {"command": "pwd"}
+
+
+def test_any_provider_no_done_before_close_after_a_finish_reason_is_a_clean_end():
+    events = run_translator([chunk({"content": "ok"}), chunk({}, "stop")], saw_done=False)
+    assert events[-1] == {"type": "message_stop"}
+
+
+def test_any_provider_text_after_a_tool_call_opens_a_new_block():
+    events = run_translator([chunk(tool_delta(0, "{}", "call_1", "TaskList")), chunk({"content": "Listed."}),
+                             chunk({}, "tool_calls")])
+    assert [b["type"] for b in cp.assemble_message(events)["content"]] == ["tool_use", "text"]
+
+
+def test_openrouter_error_inside_a_200_stream_and_finish_reason_error():
+    events = run_translator([chunk({"content": "par"}), {"error": {"code": 502, "message": "Provider returned error"},
+                                                         "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}]}])
+    assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "upstream: Provider returned error"}}
+    assert run_translator([chunk({"content": "x"}), chunk({}, "error")])[-1]["type"] == "error"
+
+
+def test_vllm_usage_chunk_with_null_choices_and_reasoning_field():
+    events = run_translator([chunk({"reasoning": "hmm"}), chunk({"content": "yes"}), chunk({}, "stop"),
+                             {"id": "c", "choices": None, "usage": {"prompt_tokens": 8, "completion_tokens": 4}}])
+    message = cp.assemble_message(events)
+    assert [b["type"] for b in message["content"]] == ["thinking", "text"]
+    assert message["usage"]["output_tokens"] == 4
+
+
+def test_deepseek_reasoning_content_streams_as_thinking_then_text():
+    events = run_translator([chunk({"role": "assistant", "content": None, "reasoning_content": "Let me"}),
+                             chunk({"content": None, "reasoning_content": " see."}),
+                             chunk({"content": "Done", "reasoning_content": None}), chunk({}, "stop")])
+    message = cp.assemble_message(events)
+    assert message["content"] == [
+        {"type": "thinking", "thinking": "Let me see.", "signature": cp.thinking_signature("Let me see.")},
+        {"type": "text", "text": "Done"}]
+
+
+# Stream and non-stream agree: the same answer, sent both ways, gives the same message.
+AGREEMENT_CASES = [
+    ("text", {"content": "Hello there"}, [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello "}),
+                                          chunk({"content": "there"})], "stop"),
+    ("reasoning, text and two tools", {"reasoning_content": "Think.", "content": "Calling.", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "Read", "arguments": '{"p":"a"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "Grep", "arguments": '{"q":"b"}'}}]},
+     [chunk({"reasoning_content": "Thi"}), chunk({"reasoning_content": "nk."}), chunk({"content": "Calling."}),
+      chunk(tool_delta(0, '{"p":', "call_1", "Read")), chunk(tool_delta(0, '"a"}')),
+      chunk(tool_delta(1, '{"q":"b"}', "call_2", "Grep"))], "tool_calls"),
+    ("ollama: tool with finish stop", {"content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}]},
+     [chunk({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}]})], "stop"),
+]
+
+
+@pytest.mark.parametrize("name,message,chunks,finish_reason", AGREEMENT_CASES, ids=[c[0] for c in AGREEMENT_CASES])
+def test_stream_and_non_stream_agree(name, message, chunks, finish_reason):
+    usage = {"prompt_tokens": 30, "completion_tokens": 12}
+    whole = cp.to_anthropic(completion(message, finish_reason, usage), CTX, ids())
+    streamed = cp.assemble_message(run_translator(chunks + [chunk({}, finish_reason), chunk(usage=usage)]))
+    assert streamed == whole
+
+
+# --- reasoning replay and effort ---------------------------------------------------------------
+
+DEEPSEEK = cp.Settings(openai_base_url="https://api.deepseek.com", big_model="deepseek-reasoner")
+
+
+def history_with_thinking(signature):
+    return req(messages=[
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan it", "signature": signature},
+                                          {"type": "text", "text": "ok"}, CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "done"}]},
+        {"role": "assistant", "content": "finished"}, {"role": "user", "content": "next"}])
+
+
+def test_deepseek_gets_its_reasoning_back_on_assistant_messages():
+    body = cp.to_openai(history_with_thinking(cp.thinking_signature("plan it")), DEEPSEEK)
+    assistants = [m for m in body["messages"] if m["role"] == "assistant"]
+    assert [m["reasoning_content"] for m in assistants] == ["plan it", ""]
+
+
+def test_deepseek_does_not_get_reasoning_it_did_not_produce():
+    body = cp.to_openai(history_with_thinking("EqQBCkYIBRgCKkAnthropicSignature"), DEEPSEEK)
+    assert [m["reasoning_content"] for m in body["messages"] if m["role"] == "assistant"] == ["", ""]
+
+
+def test_other_providers_get_no_reasoning_back_unless_configured():
+    request = history_with_thinking(cp.thinking_signature("plan it"))
+    assert all("reasoning_content" not in m and "reasoning" not in m for m in cp.to_openai(request, SETTINGS)["messages"])
+    vllm = dataclasses.replace(SETTINGS, reasoning_replay="reasoning")
+    assert [m.get("reasoning") for m in cp.to_openai(request, vllm)["messages"] if m["role"] == "assistant"] == ["plan it", ""]
+
+
+@pytest.mark.parametrize("model,fields,expected", [
+    ("o3-mini", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}}, {"reasoning_effort": "high"}),
+    ("gpt-5", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}}, {"reasoning_effort": "high"}),
+    ("gpt-5", {"thinking": {"type": "enabled", "budget_tokens": 2000}}, {"reasoning_effort": "low"}),
+    ("gpt-5", {"thinking": {"type": "enabled", "budget_tokens": 10000}}, {"reasoning_effort": "medium"}),
+    ("gemini-2.5-pro", {"thinking": {"type": "enabled", "budget_tokens": 32000}}, {"reasoning_effort": "high"}),
+    ("gpt-5", {"thinking": {"type": "disabled"}, "output_config": {"effort": "high"}}, {}),
+    ("gpt-5", {"thinking": {"type": "adaptive"}}, {}),
+    ("gpt-4o", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}}, {}),
+])
+def test_reasoning_effort_for_models_that_take_it(model, fields, expected):
+    body = cp.to_openai(req(model=model, **fields), SETTINGS)
+    assert {k: v for k, v in body.items() if k.startswith("reasoning")} == expected
+
+
+def test_openrouter_gets_the_reasoning_object():
+    settings = cp.Settings(openai_base_url="https://openrouter.ai/api/v1")
+    body = cp.to_openai(req(model="anthropic/claude-sonnet-4", output_config={"effort": "medium"}), settings)
+    assert body["reasoning"] == {"effort": "medium"} and "reasoning_effort" not in body
+
+
+# --- parameter negotiation ---------------------------------------------------------------------
+
+
+def test_openai_gets_max_completion_tokens_and_reasoning_models_lose_sampling():
+    settings = cp.Settings()
+    body = cp.to_openai(req(temperature=0.5), settings)
+    assert body["max_completion_tokens"] == 100 and body["temperature"] == 0.5 and "max_tokens" not in body
+    o3 = cp.apply_fixes(cp.to_openai(req(model="o3", temperature=0.5, top_p=0.9), SETTINGS), cp.fixes_by_name("o3"))
+    assert o3["max_completion_tokens"] == 100 and "temperature" not in o3 and "top_p" not in o3
+    assert cp.fixes_by_name("gpt-4o") == cp.NO_FIXES and cp.fixes_by_name("gpt-5-mini").completion_tokens_field
+
+
+NEGOTIATION_CASES = [
+    ("openai max_tokens unsupported",
+     "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+     "max_tokens", cp.ModelFixes(completion_tokens_field=True)),
+    ("openai temperature unsupported value",
+     "Unsupported value: 'temperature' does not support 0.2 with this model. Only the default (1) value is supported.",
+     "temperature", cp.ModelFixes(drop=frozenset(["temperature"]))),
+    ("openai output limit",
+     "max_tokens is too large: 64000. This model supports at most 16384 completion tokens, whereas you provided 64000.",
+     "max_tokens", cp.ModelFixes(max_output=16384)),
+    ("deepseek output limit", "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]", None,
+     cp.ModelFixes(max_output=8192)),
+    ("groq output limit", "`max_tokens` must be less than or equal to `32768`, the maximum value for `max_tokens` "
+     "is less than the `context_window` for this model", None, cp.ModelFixes(max_output=32768)),
+    ("vllm context length", "'max_tokens' or 'max_completion_tokens' is too large: 64000. This model's maximum "
+     "context length is 32768 tokens and your request has 1234 input tokens (64000 > 32768 - 1234).", None,
+     cp.ModelFixes(max_output=31534)),
+    ("mistral extra field", "[{'type': 'extra_forbidden', 'loc': ('body', 'stream_options'), "
+     "'msg': 'Extra inputs are not permitted'}]", None, cp.ModelFixes(drop=frozenset(["stream_options"]))),
+    ("azure unrecognized argument", "Unrecognized request argument supplied: parallel_tool_calls", None,
+     cp.ModelFixes(drop=frozenset(["parallel_tool_calls"]))),
+    ("ollama reasoning effort", '"reasoning_effort" is not supported for this model', None,
+     cp.ModelFixes(drop=frozenset(["reasoning_effort"]))),
+    ("input alone too long: nothing to fix", "This model's maximum context length is 32768 tokens and your request "
+     "has 40000 input tokens", None, None),
+    ("unrelated 400", "Invalid 'messages[2].tool_calls': empty array.", None, None),
+]
+
+
+@pytest.mark.parametrize("name,message,param,fix", NEGOTIATION_CASES, ids=[c[0] for c in NEGOTIATION_CASES])
+def test_fix_from_error(name, message, param, fix):
+    body = {"model": "m", "messages": [], "max_tokens": 64000, "temperature": 0.2, "stream": True,
+            "stream_options": {"include_usage": True}, "parallel_tool_calls": False, "reasoning_effort": "high"}
+    assert cp.fix_from_error(body, message, param) == fix
+
+
+def test_apply_fixes():
+    body = {"model": "m", "max_tokens": 64000, "temperature": 1, "stream_options": {}}
+    fixed = cp.apply_fixes(body, cp.ModelFixes(frozenset(["stream_options"]), True, 16384))
+    assert fixed == {"model": "m", "max_completion_tokens": 16384, "temperature": 1}
+    assert body == {"model": "m", "max_tokens": 64000, "temperature": 1, "stream_options": {}}
+
+
+# --- tool schemas, ids, documents ----------------------------------------------------------------
+
+CLAUDE_CODE_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "additionalProperties": False,
+    "required": ["command", "gone"],
+    "properties": {
+        "command": {"type": "string", "description": "The command", "minLength": 1},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 600000, "default": 120000},
+        "url": {"type": "string", "format": "uri"}, "when": {"type": "string", "format": "date-time"},
+        "mode": {"const": "fast"}, "maybe": {"type": ["string", "null"]},
+        "env": {"type": "object", "propertyNames": {"pattern": "^[A-Z]+$"}, "additionalProperties": {"type": "string"}},
+        "items": {"type": "array", "uniqueItems": True, "items": {"$ref": "#/$defs/item"}},
+        "format": {"oneOf": [{"type": "string"}, {"type": "integer", "multipleOf": 2}]}},
+    "$defs": {"item": {"type": "object", "properties": {"id": {"type": "integer"}}, "additionalProperties": False}}}
+
+
+def test_gemini_tool_schema_cleaned():
+    settings = cp.Settings(openai_base_url="https://generativelanguage.googleapis.com/v1beta/openai/")
+    body = cp.to_openai(req(model="gemini-2.5-pro", tools=[dict(TOOL, input_schema=CLAUDE_CODE_SCHEMA)]), settings)
+    assert body["tools"][0]["function"]["parameters"] == {
+        "type": "object", "required": ["command"],
+        "properties": {
+            "command": {"type": "string", "description": "The command", "minLength": 1},
+            "timeout": {"type": "number", "maximum": 600000},
+            "url": {"type": "string"}, "when": {"type": "string", "format": "date-time"},
+            "mode": {"enum": ["fast"]}, "maybe": {"type": "string", "nullable": True},
+            "env": {"type": "object"},
+            "items": {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "integer"}}}},
+            "format": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}}
+
+
+def test_gemini_model_behind_a_generic_server_also_gets_clean_schemas_others_untouched():
+    gemini = cp.to_openai(req(model="gemini-3-pro", tools=[dict(TOOL, input_schema=CLAUDE_CODE_SCHEMA)]), SETTINGS)
+    assert "$schema" not in gemini["tools"][0]["function"]["parameters"]
+    other = cp.to_openai(req(tools=[dict(TOOL, input_schema=CLAUDE_CODE_SCHEMA)]), SETTINGS)
+    assert other["tools"][0]["function"]["parameters"] == CLAUDE_CODE_SCHEMA
+
+
+def test_gemini_replayed_tool_calls_carry_a_thought_signature():
+    settings = cp.Settings(openai_base_url="https://generativelanguage.googleapis.com/v1beta/openai/")
+    request = req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "x"}]}])
+    call = cp.to_openai(request, settings)["messages"][1]["tool_calls"][0]
+    assert call["extra_content"] == {"google": {"thought_signature": "skip_thought_signature_validator"}}
+
+
+def test_mistral_tool_ids_are_nine_alphanumerics_and_still_pair():
+    settings = cp.Settings(openai_base_url="https://api.mistral.ai/v1")
+    request = req(messages=[{"role": "user", "content": "go"},
+                            {"role": "assistant", "content": [CALL, dict(CALL, id="D681PevKs")]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a"},
+                                                         {"type": "tool_result", "tool_use_id": "D681PevKs", "content": "b"}]}])
+    messages = cp.to_openai(request, settings)["messages"]
+    call_ids = [c["id"] for c in messages[1]["tool_calls"]]
+    assert call_ids == [cp.short_tool_id("toolu_01"), "D681PevKs"]
+    assert all(len(i) == 9 and i.isalnum() for i in call_ids)
+    assert [m["tool_call_id"] for m in messages[2:]] == call_ids
+    local = cp.Settings(openai_base_url="http://127.0.0.1:8080/v1", big_model="devstral-small")
+    assert cp.to_openai(request, local)["messages"][1]["tool_calls"][0]["id"] == call_ids[0]
+
+
+def test_pdf_refused_with_a_clear_400_where_the_provider_cannot_read_it():
+    pdf = req(messages=[{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}])
+    with pytest.raises(cp.ProxyError) as info:
+        cp.to_openai(pdf, cp.Settings(openai_base_url="http://localhost:11434/v1"))
+    assert info.value.status == 400 and "ollama" in info.value.message and "PDF" in info.value.message
+    assert cp.to_openai(pdf, cp.Settings())["messages"][0]["content"][0]["type"] == "file"
+
+
+@pytest.mark.parametrize("url,provider", [
+    ("https://api.openai.com/v1", "openai"), ("https://res.openai.azure.com/openai/deployments/gpt4o", "azure"),
+    ("https://generativelanguage.googleapis.com/v1beta/openai/", "gemini"), ("https://api.deepseek.com", "deepseek"),
+    ("https://openrouter.ai/api/v1", "openrouter"), ("https://api.mistral.ai/v1", "mistral"),
+    ("https://api.groq.com/openai/v1", "groq"), ("http://localhost:11434/v1", "ollama"),
+    ("http://localhost:1234/v1", "lmstudio"), ("http://localhost:8000/v1", "generic")])
+def test_provider_detected_from_the_base_url(url, provider):
+    assert cp.resolve_dialect(cp.Settings(openai_base_url=url), "m").name == provider
+    assert cp.resolve_dialect(cp.Settings(openai_base_url=url, provider="vllm"), "m").name == "vllm"
+
+
+# --- history repair ---------------------------------------------------------------------------
+
+
+def test_history_repair_is_logged_at_debug(caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    cp.to_openai(req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]},
+                               {"role": "user", "content": "never mind"}]), SETTINGS)
+    assert "history repair: tool call toolu_01 had no result" in caplog.text
+
+
+def test_history_repair_empty_assistant_turn_dropped_and_user_turns_merged():
+    body = cp.to_openai(req(messages=[
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "x", "signature": "s"}, {"type": "text", "text": ""}]},
+        {"role": "user", "content": [{"type": "text", "text": ""}]}, {"role": "user", "content": "two"}]), SETTINGS)
+    assert body["messages"] == [{"role": "user", "content": "one\n\ntwo"}]
+
+
+# =============================================================================================
 # Tokens
 # =============================================================================================
 
@@ -1053,6 +1398,59 @@ def test_e2e_client_going_away_closes_the_upstream_request(upstream):
         assert upstream_saw_close.wait(10), "upstream connection stayed open after the client left"
     finally:
         client_left.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_e2e_negotiation_fixes_once_and_remembers_for_the_model(upstream, proxy, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    limit = {"error": {"message": "max_tokens is too large: 64000. This model supports at most 16384 completion "
+                                  "tokens, whereas you provided 64000.", "param": "max_tokens", "code": "invalid_value"}}
+    upstream.script.extend([json_reply(limit, 400), json_text("first"), sse_text("second")])
+    client = Client(proxy)
+    status, _, message = client.json("POST", "/v1/messages", req(max_tokens=64000))
+    assert status == 200 and message["content"][0]["text"] == "first"
+    assert cp.assemble_message(client.stream(req(max_tokens=64000)))["content"][0]["text"] == "second"
+    assert [r["body"]["max_tokens"] for r in upstream.requests] == [64000, 16384, 16384]
+    learned = [r.getMessage() for r in caplog.records if "from now on" in r.getMessage()]
+    assert learned == ["model gpt-4o: at most 16384 output tokens from now on (upstream said: max_tokens is too "
+                       "large: 64000. This model supports at most 16384 completion tokens, whereas you provided 64000.)"]
+
+
+def test_e2e_negotiation_never_retries_more_than_once(upstream, proxy):
+    rejected = {"error": {"message": "Unsupported value: 'temperature' does not support 0.5 with this model.",
+                          "param": "temperature"}}
+    rejected_again = {"error": {"message": "Unsupported parameter: 'top_p' is not supported with this model.",
+                                "param": "top_p"}}
+    upstream.script.extend([json_reply(rejected, 400), json_reply(rejected_again, 400)])
+    status, headers, payload = Client(proxy).json("POST", "/v1/messages", req(temperature=0.5, top_p=0.9, stream=True))
+    assert status == 400 and "top_p" in payload["error"]["message"] and headers["x-should-retry"] == "false"
+    assert len(upstream.requests) == 2
+    assert "temperature" not in upstream.requests[1]["body"] and upstream.requests[1]["body"]["top_p"] == 0.9
+
+
+def test_e2e_azure_deployment_url_api_version_and_api_key(upstream):
+    base = upstream.url.replace("/v1", "/openai/deployments/my-gpt4o")
+    server = start_proxy(base, provider="azure", openai_api_key="azure-key-789")
+    try:
+        upstream.script.append(json_text("from azure"))
+        assert Client(server).json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "from azure"
+        sent = upstream.requests[0]
+        assert sent["path"] == "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21"
+        assert sent["headers"]["api-key"] == "azure-key-789" and "Authorization" not in sent["headers"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_e2e_pdf_refused_before_reaching_an_upstream_that_cannot_read_it(upstream):
+    server = start_proxy(upstream.url, provider="ollama")
+    try:
+        status, _, payload = Client(server).json("POST", "/v1/messages", req(messages=[{"role": "user", "content": [
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}]))
+        assert status == 400 and "does not take PDF documents" in payload["error"]["message"]
+        assert upstream.requests == []
+    finally:
         server.shutdown()
         server.server_close()
 
