@@ -188,6 +188,7 @@ class Dialect:
     short_tool_ids: bool = False           # Mistral: tool call ids of exactly 9 [a-zA-Z0-9]
     reasoning_replay: str = ""             # field that carries earlier reasoning back, or ""
     reasoning_object: bool = False         # OpenRouter: reasoning: {effort} for every model
+    thinking_toggle: bool = False          # DeepSeek: thinking: {type} and reasoning_effort up to max
     thought_signatures: bool = False       # Gemini 3: replayed tool calls need a thought_signature
     accepts_pdf: bool = True               # takes {"type": "file"} parts with a PDF
 
@@ -197,7 +198,7 @@ DIALECTS = {d.name: d for d in (
     Dialect("azure", api_key_header=True),
     Dialect("gemini", clean_schemas=True, thought_signatures=True),
     # DeepSeek (thinking mode with tools): 400 unless earlier reasoning comes back.
-    Dialect("deepseek", reasoning_replay="reasoning_content", accepts_pdf=False),
+    Dialect("deepseek", reasoning_replay="reasoning_content", thinking_toggle=True, accepts_pdf=False),
     Dialect("openrouter", reasoning_object=True),
     Dialect("mistral", short_tool_ids=True, accepts_pdf=False),
     Dialect("groq", accepts_pdf=False),
@@ -669,6 +670,7 @@ def reasoning_effort(request: Dict[str, Any]) -> Optional[str]:
 
 
 EFFORT_LEVELS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+THINKING_TOGGLE = {"enabled": "enabled", "adaptive": "enabled", "disabled": "disabled"}
 # Models known to take reasoning_effort; others get it only through OpenRouter's `reasoning`.
 REASONING_EFFORT_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5|gpt-oss|gemini-(2\.5|3))", re.I)
 
@@ -699,7 +701,14 @@ def to_openai(request: Dict[str, Any], settings: Settings,
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     effort = reasoning_effort(request)
-    if effort:
+    if dialect.thinking_toggle:
+        # DeepSeek V4: thinking is on by default; it takes Claude's effort names up to "max".
+        thinking_type = (request.get("thinking") or {}).get("type")
+        if thinking_type in THINKING_TOGGLE:
+            body["thinking"] = {"type": THINKING_TOGGLE[thinking_type]}
+        if effort:
+            body["reasoning_effort"] = (request.get("output_config") or {}).get("effort") or effort
+    elif effort:
         if dialect.reasoning_object:
             body["reasoning"] = {"effort": effort}
         elif REASONING_EFFORT_MODELS.search(model):

@@ -766,7 +766,7 @@ def test_stream_and_non_stream_agree(name, message, chunks, finish_reason):
 
 # --- reasoning replay and effort ---------------------------------------------------------------
 
-DEEPSEEK = cp.Settings(openai_base_url="https://api.deepseek.com", big_model="deepseek-reasoner")
+DEEPSEEK = cp.Settings(openai_base_url="https://api.deepseek.com", big_model="deepseek-v4-pro")
 
 
 def history_with_thinking(signature):
@@ -809,6 +809,18 @@ def test_other_providers_get_no_reasoning_back_unless_configured():
 def test_reasoning_effort_for_models_that_take_it(model, fields, expected):
     body = cp.to_openai(req(model=model, **fields), SETTINGS)
     assert {k: v for k, v in body.items() if k.startswith("reasoning")} == expected
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"thinking": {"type": "adaptive", "display": "omitted"}, "output_config": {"effort": "max"}},
+     {"thinking": {"type": "enabled"}, "reasoning_effort": "max"}),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2000}}, {"thinking": {"type": "enabled"}, "reasoning_effort": "low"}),
+    ({"thinking": {"type": "disabled"}}, {"thinking": {"type": "disabled"}}),
+    ({}, {}),
+])
+def test_deepseek_thinking_toggle_and_effort(fields, expected):
+    body = cp.to_openai(req(**fields), DEEPSEEK)
+    assert {k: v for k, v in body.items() if k in ("thinking", "reasoning_effort")} == expected
 
 
 def test_openrouter_gets_the_reasoning_object():
