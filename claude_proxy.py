@@ -1016,6 +1016,21 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_think_tags(text: str) -> Tuple[str, str]:
+    """(reasoning, text) of an answer that opens with <think>…</think>: local servers without a
+    reasoning parser leave the model's reasoning in the content that way."""
+    stripped = text.lstrip()
+    if not stripped.startswith(THINK_OPEN):
+        return "", text
+    end = stripped.find(THINK_CLOSE)
+    if end < 0:
+        return stripped[len(THINK_OPEN):], ""
+    return stripped[len(THINK_OPEN):end], stripped[end + len(THINK_CLOSE):].lstrip("\n")
+
+
 def _reasoning_of(message: Dict[str, Any]) -> str:
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     return reasoning if isinstance(reasoning, str) else ""
@@ -1033,9 +1048,11 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
     message = choice.get("message") or {}
     content: List[Dict[str, Any]] = []
     reasoning = _reasoning_of(message)
+    text = _content_text(message.get("content"))
+    if not reasoning:
+        reasoning, text = split_think_tags(text)
     if reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
-    text = _content_text(message.get("content"))
     calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
     stop_reason, stop_sequence = stop_reason_for(
         choice.get("finish_reason"), bool(calls), text, ctx.stop_sequences, choice.get("stop_reason"))
@@ -1122,6 +1139,8 @@ class StreamTranslator:
         self.usage: Optional[Dict[str, Any]] = None
         self.text_tail = ""
         self.thinking: List[str] = []              # text of the open thinking block
+        self.think_tags = "start"                  # <think> tags in content: start, inside, done
+        self.held = ""                             # content that may be part of a think tag
         self.tail_length = max((len(s) for s in ctx.stop_sequences), default=0)
         self.output_chars = 0
         self.ended = False
@@ -1159,7 +1178,7 @@ class StreamTranslator:
                 self._thinking(reasoning, events)
             content = delta.get("content")
             if content:
-                self._text(content if isinstance(content, str) else _content_text(content), events)
+                self._content(content if isinstance(content, str) else _content_text(content), events)
             for fragment in delta.get("tool_calls") or ():
                 self._tool_fragment(fragment, events)
         finish_reason = choice.get("finish_reason")
@@ -1179,6 +1198,7 @@ class StreamTranslator:
             # conversation with a truncated turn.
             return self.fail("api_error", "upstream stream ended before the answer was complete")
         events: List[Dict[str, Any]] = []
+        self._flush_think_tags(events)
         self._close(events)
         for call in self.waiting:
             self._open_tool(call, events)
@@ -1234,6 +1254,8 @@ class StreamTranslator:
         self.open = None
 
     def _thinking(self, text: str, events: List[Dict[str, Any]]) -> None:
+        if self.think_tags == "start":
+            self.think_tags = "done"             # real reasoning: content is only content
         if self.open != "thinking":
             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, events)
         self.output_chars += len(text)
@@ -1241,9 +1263,44 @@ class StreamTranslator:
         events.append({"type": "content_block_delta", "index": self.next_index - 1,
                        "delta": {"type": "thinking_delta", "thinking": text}})
 
+    def _content(self, text: str, events: List[Dict[str, Any]]) -> None:
+        """Content text, with a leading <think>…</think> section sent as thinking. The tags may
+        be split across chunks: text that may still turn out to be a tag waits in `held`."""
+        if self.think_tags == "done":
+            return self._text(text, events)
+        held = self.held + text
+        self.held = ""
+        if self.think_tags == "start":
+            stripped = held.lstrip()
+            if len(stripped) < len(THINK_OPEN) and THINK_OPEN.startswith(stripped):
+                self.held = held
+                return None
+            if not stripped.startswith(THINK_OPEN):
+                self.think_tags = "done"
+                return self._text(held, events)
+            self.think_tags = "inside"
+            held = stripped[len(THINK_OPEN):]
+        end = held.find(THINK_CLOSE)
+        if end >= 0:
+            self.think_tags = "done"
+            if held[:end]:
+                self._thinking(held[:end], events)
+            return self._text(held[end + len(THINK_CLOSE):].lstrip("\n"), events)
+        keep = next((n for n in range(len(THINK_CLOSE) - 1, 0, -1) if held.endswith(THINK_CLOSE[:n])), 0)
+        if len(held) > keep:
+            self._thinking(held[:len(held) - keep], events)
+        self.held = held[len(held) - keep:]
+        return None
+
+    def _flush_think_tags(self, events: List[Dict[str, Any]]) -> None:
+        held, self.held = self.held, ""
+        if held:
+            (self._thinking if self.think_tags == "inside" else self._text)(held, events)
+
     def _text(self, text: str, events: List[Dict[str, Any]]) -> None:
         if not text:
             return
+        self.think_tags = "done"
         if self.open != "text":
             self._open("text", {"type": "text", "text": ""}, events)
         self.output_chars += len(text)

@@ -740,6 +740,26 @@ def test_deepseek_reasoning_content_streams_as_thinking_then_text():
         {"type": "text", "text": "Done"}]
 
 
+def test_llamacpp_think_tags_in_content_become_thinking_even_split_across_chunks():
+    events = run_translator([chunk({"role": "assistant", "content": ""}), chunk({"content": "\n<th"}),
+                             chunk({"content": "ink>plan"}), chunk({"content": " it</th"}),
+                             chunk({"content": "ink>\n\nAnswer <b>"}), chunk({}, "stop")])
+    message = cp.assemble_message(events)
+    assert [(b["type"], b.get("thinking", b.get("text"))) for b in message["content"]] == [
+        ("thinking", "plan it"), ("text", "Answer <b>")]
+
+
+@pytest.mark.parametrize("pieces", [["<t", "able>x</table>"], ["<", "b>bold"], ["  ", "plain"]])
+def test_content_that_only_looks_like_a_think_tag_is_text(pieces):
+    events = run_translator([chunk({"content": p}) for p in pieces] + [chunk({}, "stop")])
+    assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "".join(pieces)}]
+
+
+def test_unclosed_think_tag_at_the_end_is_thinking():
+    events = run_translator([chunk({"content": "<think>still going"}), chunk({}, "length")])
+    assert [b["type"] for b in cp.assemble_message(events)["content"]] == ["thinking"]
+
+
 # Stream and non-stream agree: the same answer, sent both ways, gives the same message.
 AGREEMENT_CASES = [
     ("text", {"content": "Hello there"}, [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello "}),
@@ -750,6 +770,8 @@ AGREEMENT_CASES = [
      [chunk({"reasoning_content": "Thi"}), chunk({"reasoning_content": "nk."}), chunk({"content": "Calling."}),
       chunk(tool_delta(0, '{"p":', "call_1", "Read")), chunk(tool_delta(0, '"a"}')),
       chunk(tool_delta(1, '{"q":"b"}', "call_2", "Grep"))], "tool_calls"),
+    ("llama.cpp: think tags", {"content": "<think>hmm</think>\nYes."},
+     [chunk({"content": "<think>h"}), chunk({"content": "mm</think>\nYes."})], "stop"),
     ("ollama: tool with finish stop", {"content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}]},
      [chunk({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}]})], "stop"),
