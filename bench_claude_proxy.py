@@ -18,7 +18,7 @@ costs), then the Anthropic request through the proxy ("proxy").
   a   nonstream_c1     non-stream, 1 connection: the proxy's cost per request
   b   nonstream_c32    non-stream, 32 connections for a fixed time: throughput under load
   c   stream_c16       50 content chunks 2 ms apart, 16 connections: TTFB, TTFT, total
-  d1  cc_nonstream_c1  a Claude Code-shaped request (~75 KB: system blocks, 25 tools, a tool
+  d1  cc_nonstream_c1  a Claude Code-shaped request (~77 KB: system blocks, 25 tools, a tool
                        round trip, a mid-conversation system message), non-stream, 1 connection
   d2  cc_stream_c4     the same request streamed, 4 connections
 
@@ -32,6 +32,10 @@ How to read the figures:
   of the harness (load generator + fake share the 2 cores with the proxy), not a target.
 - TTFB = request written -> first response byte; TTFT = -> first non-empty content delta (text,
   tool arguments or thinking). A proxy can send headers early: TTFT is the one that counts.
+  Stream total = -> last byte. The fake sends chunk i at a fixed time after the first (a late
+  wake-up is caught up, not carried into later chunks), so the upstream's pacing is the same
+  direct and via the proxy ("upstream stream duration" shows it) and the difference in total
+  time is the proxy's lag behind the upstream.
 - proxy CPU ms/req = the proxy's utime+stime (/proc/PID/stat) over the measured phase divided
   by its requests: cost independent of how busy the machine was. /proc counts in 10 ms ticks,
   so a run with under ~1 s of proxy CPU is coarse. cores = that CPU / wall time; ~1.0 means the
@@ -56,6 +60,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,14 +92,18 @@ class Scenario(NamedTuple):
 
 def build_scenarios(args: argparse.Namespace) -> List[Scenario]:
     quick = args.quick
-    b_conc = args.b_concurrency
+    conc_b = args.b_concurrency
     return [
-        Scenario("a", "nonstream_c1", "small", False, 1, 300 if quick else 2000, 0, 50 if quick else 100),
-        Scenario("b", "nonstream_c%d" % b_conc, "small", False, b_conc, 0,
-                 args.b_duration or (3.0 if quick else 10.0), 2 * b_conc),
-        Scenario("c", "stream_c16", "small", True, 16, 96 if quick else 480, 32),
-        Scenario("d1", "cc_nonstream_c1", "cc", False, 1, 60 if quick else 300, 10 if quick else 30),
-        Scenario("d2", "cc_stream_c4", "cc", True, 4, 24 if quick else 160, 8),
+        Scenario("a", "nonstream_c1", "small", stream=False, concurrency=1,
+                 requests=300 if quick else 3000, duration=0, warmup=50 if quick else 100),
+        Scenario("b", "nonstream_c%d" % conc_b, "small", stream=False, concurrency=conc_b,
+                 requests=0, duration=args.b_duration or (3.0 if quick else 15.0), warmup=10 * conc_b),
+        Scenario("c", "stream_c16", "small", stream=True, concurrency=16,
+                 requests=160 if quick else 800, duration=0, warmup=32),
+        Scenario("d1", "cc_nonstream_c1", "cc", stream=False, concurrency=1,
+                 requests=60 if quick else 500, duration=0, warmup=10 if quick else 30),
+        Scenario("d2", "cc_stream_c4", "cc", stream=True, concurrency=4,
+                 requests=40 if quick else 320, duration=0, warmup=8),
     ]
 
 
@@ -177,11 +186,11 @@ _PARAMS = ("file_path", "pattern", "command", "description", "timeout", "limit",
 
 
 def _tool_schema(rng: random.Random) -> Dict[str, Any]:
-    names = rng.sample(_PARAMS, rng.randint(2, 6))
+    names = rng.sample(_PARAMS, rng.randint(2, 5))
     properties: Dict[str, Any] = {}
     for name in names:
         kind = rng.choice(("string", "string", "integer", "boolean", "enum", "array"))
-        description = prose(rng, rng.randint(50, 260))
+        description = prose(rng, rng.randint(40, 200))
         if kind == "enum":
             properties[name] = {"type": "string", "enum": ["content", "files_with_matches", "count"],
                                 "description": description}
@@ -199,7 +208,7 @@ def _tool_schema(rng: random.Random) -> Dict[str, Any]:
 def claude_code_request() -> Dict[str, Any]:
     """About 75 KB, shaped like a Claude Code turn after two tool calls."""
     rng = random.Random(2025)
-    tools = [{"name": name, "description": prose(rng, rng.randint(500, 2300)), "input_schema": _tool_schema(rng)}
+    tools = [{"name": name, "description": prose(rng, rng.randint(400, 1500)), "input_schema": _tool_schema(rng)}
              for name in _CC_TOOLS]
     return {
         "model": "claude-sonnet-4-5-20250929", "max_tokens": 32000, "stream": False,
@@ -207,7 +216,7 @@ def claude_code_request() -> Dict[str, Any]:
             {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.0.99.a1b; cc_entrypoint=cli;"},
             {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.",
              "cache_control": {"type": "ephemeral"}},
-            {"type": "text", "text": prose(rng, 14000), "cache_control": {"type": "ephemeral"}}],
+            {"type": "text", "text": prose(rng, 12000), "cache_control": {"type": "ephemeral"}}],
         "messages": [
             {"role": "user", "content": [
                 {"type": "text", "text": "<system-reminder>\nAs you answer the user's questions, you can use "
@@ -220,14 +229,14 @@ def claude_code_request() -> Dict[str, Any]:
                 {"type": "tool_use", "id": "toolu_01Grep", "name": "Grep",
                  "input": {"pattern": "retry|backoff", "path": "src", "output_mode": "content"}}]},
             {"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_01Grep", "content": prose(rng, 3000)}]},
+                {"type": "tool_result", "tool_use_id": "toolu_01Grep", "content": prose(rng, 2000)}]},
             {"role": "assistant", "content": [
                 {"type": "text", "text": "The matches point at src/client.py; reading it."},
                 {"type": "tool_use", "id": "toolu_02Read", "name": "Read",
                  "input": {"file_path": "/repo/src/client.py", "limit": 400}}]},
             {"role": "user", "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_02Read",
-                 "content": [{"type": "text", "text": prose(rng, 5000)}]},
+                 "content": [{"type": "text", "text": prose(rng, 3500)}]},
                 {"type": "text", "text": "<system-reminder>\nThe TodoWrite tool hasn't been used recently."
                                          "\n</system-reminder>", "cache_control": {"type": "ephemeral"}}]}],
         "tools": tools,
@@ -338,7 +347,7 @@ def http_request(path: str, port: int, body: bytes, headers: Dict[str, str]) -> 
 
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 411: b"Length Required"}
 COUNTERS = ("requests", "stream_requests", "nonstream_requests", "bad_requests",
-            "include_usage_requests", "request_bytes", "connections_accepted",
+            "include_usage_requests", "request_bytes", "stream_seconds", "connections_accepted",
             "new_chat_connections", "chat_connections_used")
 
 
@@ -526,7 +535,7 @@ class FakeConnection(asyncio.Protocol):
             payload = state.completion(model, tool)
             if state.latency:
                 self.busy = True
-                asyncio.get_event_loop().call_later(state.latency, self.delayed_reply, payload, keep_alive)
+                asyncio.get_running_loop().call_later(state.latency, self.delayed_reply, payload, keep_alive)
             else:
                 self.reply(200, payload, keep_alive)
 
@@ -539,17 +548,22 @@ class FakeConnection(asyncio.Protocol):
     async def stream(self, frames: Tuple[bytes, bytes, bytes], keep_alive: bool) -> None:
         head, content, tail = frames
         state = self.state
+        started = time.perf_counter()
         try:
             self.transport.write(head)
-            if state.latency:
-                await asyncio.sleep(state.latency)
+            loop = asyncio.get_running_loop()
+            first = loop.time() + state.latency
             for i in range(state.chunks):
-                if i and state.chunk_delay:
-                    await asyncio.sleep(state.chunk_delay)
+                # Chunk i is due at a fixed time (a model's token rate does not depend on its
+                # reader): a late wake-up is caught up, not added to every later chunk.
+                wait = first + i * state.chunk_delay - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 if self.closed:
                     return
                 self.transport.write(content)
             self.transport.write(tail)
+            state.stats["stream_seconds"] += time.perf_counter() - started
         finally:
             self.busy = False
         if not keep_alive:
@@ -561,7 +575,7 @@ class FakeConnection(asyncio.Protocol):
 
 def serve_fake(args: argparse.Namespace) -> int:
     async def main() -> None:
-        loop = asyncio.get_event_loop()
+        loop = asyncio.get_running_loop()
         state = FakeState(args)
         server = await loop.create_server(lambda: FakeConnection(state), LOOPBACK, args.serve_fake,
                                           backlog=1024, reuse_address=True)
@@ -630,6 +644,8 @@ class ClientConnection(asyncio.Protocol):
         self.buf = bytearray()
         self.waiter: Optional[asyncio.Future] = None
         self.timer: Any = None
+        self.state = HEAD
+        self.timed_out = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -643,7 +659,7 @@ class ClientConnection(asyncio.Protocol):
             self._fail("timeout" if self.timed_out else "conn_closed", str(exc or "closed by the server"))
 
     def send(self, payload: bytes, stream: bool, timeout: float) -> asyncio.Future:
-        loop = asyncio.get_event_loop()
+        loop = asyncio.get_running_loop()
         self.waiter = loop.create_future()
         self.stream, self.state, self.status, self.will_close = stream, HEAD, 0, False
         self.body, self.remaining, self.scan_pos = bytearray(), 0, 0
@@ -797,7 +813,7 @@ class Load:
         self.conns: List[Optional[ClientConnection]] = [None] * concurrency
 
     async def _connect(self) -> ClientConnection:
-        loop = asyncio.get_event_loop()
+        loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(loop.create_connection(
             lambda: ClientConnection(self.anthropic), LOOPBACK, self.port), 10)
         return conn
@@ -821,7 +837,9 @@ class Load:
             else:
                 if not body.rstrip().endswith(b"data: [DONE]"):
                     return phase.error("bad_stream_end", body[-300:])
-                events = body.count(b'"delta":{"content":"') - body.count(b'"delta":{"content":""')
+                # the fake's own serialization: non-empty content chunks + tool argument fragments
+                events = (body.count(b'"delta":{"content":"') - body.count(b'"delta":{"content":""')
+                          + body.count(b'"arguments":"') - body.count(b'"arguments":""'))
             if reply.t_content is None:
                 return phase.error("no_content_delta", body[:300])
             phase.ttfb.append(reply.t_first - reply.t_sent)
@@ -903,14 +921,21 @@ def _die_with_parent() -> None:
         _PRCTL(1, signal.SIGTERM)       # PR_SET_PDEATHSIG
 
 
-def proc_cpu_s(pid: int) -> Optional[float]:
-    """utime + stime of a process (all its threads), in seconds."""
+def proc_cpu_s(pid: int) -> Optional[Tuple[float, float]]:
+    """(utime, stime) of a process, all its threads, in seconds; None without /proc."""
     try:
         with open("/proc/%d/stat" % pid) as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
     except (OSError, IndexError, ValueError):
         return None
+
+
+def cpu_used(before: Optional[Tuple[float, float]], after: Optional[Tuple[float, float]]
+             ) -> Optional[Tuple[float, float]]:
+    if before is None or after is None:
+        return None
+    return after[0] - before[0], after[1] - before[1]
 
 
 def proc_mem_mb(pid: int, field: str = "VmRSS") -> Optional[float]:
@@ -927,8 +952,10 @@ def proc_mem_mb(pid: int, field: str = "VmRSS") -> Optional[float]:
 class Children:
     """The processes this run started; stop_all() ends exactly those."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, keep_logs: bool) -> None:
         self.workdir = workdir
+        self.keep_logs = keep_logs
+        self.announced = False
         self.procs: List[subprocess.Popen] = []
 
     def start(self, name: str, cmd: List[str], env: Dict[str, str], cwd: str,
@@ -964,6 +991,16 @@ class Children:
                 proc.kill()
                 proc.wait()
         self.procs = []
+
+    def cleanup(self) -> None:
+        """Stop the children and remove the work folder (unless --keep-logs). Idempotent."""
+        self.stop_all()
+        if self.keep_logs:
+            if not self.announced:
+                self.announced = True
+                print("logs kept in %s" % self.workdir, file=sys.stderr)
+        elif os.path.isdir(self.workdir):
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def tail(path: str, lines: int = 20) -> str:
@@ -1052,9 +1089,14 @@ class Bench:
                 warm = await load.run(requests=scenario.warmup, max_time=self.args.max_run_time)
                 fake_call(self.fake_port, "POST", "/stats/reset")
                 proxy_cpu0, fake_cpu0 = proc_cpu_s(self.proxy_pid), proc_cpu_s(self.fake_pid)
-                measured = await load.run(requests=scenario.requests, duration=scenario.duration,
-                                          max_time=self.args.max_run_time)
-                proxy_cpu1, fake_cpu1 = proc_cpu_s(self.proxy_pid), proc_cpu_s(self.fake_pid)
+                if warm.ok:
+                    measured = await load.run(requests=scenario.requests, duration=scenario.duration,
+                                              max_time=self.args.max_run_time)
+                else:                                # nothing works: do not wait out the timeouts
+                    measured = Phase()
+                    measured.error("not_measured", "every warm-up request failed")
+                proxy_cpu = cpu_used(proxy_cpu0, proc_cpu_s(self.proxy_pid))
+                fake_cpu = cpu_used(fake_cpu0, proc_cpu_s(self.fake_pid))
                 upstream = fake_call(self.fake_port, "GET", "/stats")
         finally:
             load.close()
@@ -1079,8 +1121,9 @@ class Bench:
                 "open_connections_peak": upstream["open_chat_connections_peak"],
                 "request_body_bytes_avg": round(upstream["request_bytes"] / upstream["requests"])
                 if upstream["requests"] else None,
-                "cpu_ms_per_request": round((fake_cpu1 - fake_cpu0) * 1000 / served, 4)
-                if served and fake_cpu0 is not None and fake_cpu1 is not None else None,
+                "stream_ms_avg": round(upstream["stream_seconds"] * 1000 / upstream["stream_requests"], 3)
+                if upstream["stream_requests"] else None,
+                "cpu_ms_per_request": round(sum(fake_cpu) * 1000 / served, 4) if served and fake_cpu else None,
             },
         }
         if upstream["bad_requests"]:
@@ -1092,9 +1135,12 @@ class Bench:
             events = measured.content_events
             result["content_events_per_response"] = round(sum(events) / len(events), 2) if events else None
         if not direct:
-            cpu = (proxy_cpu1 - proxy_cpu0) if proxy_cpu0 is not None and proxy_cpu1 is not None else None
+            per_request = (lambda seconds: round(seconds * 1000 / served, 4) if proxy_cpu and served else None)
+            cpu = sum(proxy_cpu) if proxy_cpu else None
             result["proxy"] = {
-                "cpu_ms_per_request": round(cpu * 1000 / served, 4) if cpu is not None and served else None,
+                "cpu_ms_per_request": per_request(cpu),
+                "cpu_user_ms_per_request": per_request(proxy_cpu[0]) if proxy_cpu else None,
+                "cpu_sys_ms_per_request": per_request(proxy_cpu[1]) if proxy_cpu else None,
                 "cpu_cores_used": round(cpu / measured.duration, 3) if cpu is not None and measured.duration else None,
                 "rss_peak_mb": round(rss.peak, 1),
                 "alive": proc_cpu_s(self.proxy_pid) is not None,
@@ -1187,19 +1233,23 @@ def scenario_block(scenario: Scenario, result: Dict[str, Any]) -> str:
     if scenario.stream:
         row("content events / response", direct["content_events_per_response"],
             proxy["content_events_per_response"], overhead=False, digits=1)
-    out.append("  %-30s %11s %11s" % ("errors", direct["errors"], proxy["errors"]))
+    out.append("  %-30s %11s %11s" % ("errors (incl. warm-up)", direct["errors"], proxy["errors"]))
     p, u = proxy["proxy"], proxy["upstream"]
-    out.append("  proxy: CPU %s ms/req (%s cores), RSS peak %s MB" % (
-        _fmt(p["cpu_ms_per_request"]), _fmt(p["cpu_cores_used"], 2), _fmt(p["rss_peak_mb"], 1)))
+    out.append("  proxy: CPU %s ms/req (user %s + sys %s; %s cores), RSS peak %s MB" % (
+        _fmt(p["cpu_ms_per_request"]), _fmt(p["cpu_user_ms_per_request"]), _fmt(p["cpu_sys_ms_per_request"]),
+        _fmt(p["cpu_cores_used"], 2), _fmt(p["rss_peak_mb"], 1)))
     out.append("  upstream via proxy: %s new connections, %s used, peak %s open; %s upstream requests "
                "per request; upstream body %s B (direct %s B)" % (
                    u["new_connections"], u["connections_used"], u["open_connections_peak"],
-                   _fmt(u["requests_per_client_request"], 2), u["request_body_bytes_avg"],
-                   direct["upstream"]["request_body_bytes_avg"]))
+                   _fmt(u["requests_per_client_request"], 2), _fmt(u["request_body_bytes_avg"]),
+                   _fmt(direct["upstream"]["request_body_bytes_avg"])))
+    if scenario.stream:
+        out.append("  upstream stream duration as the fake saw it: %s ms via proxy, %s ms direct" % (
+                       _fmt(u["stream_ms_avg"]), _fmt(direct["upstream"]["stream_ms_avg"])))
     for side, run in (("direct", direct), ("proxy", proxy)):
         if run["errors"]:
             out.append("  !! %s errors: %s (warm-up: %s)" % (side, run["error_kinds"], run["warmup"]["error_kinds"]))
-            for sample in run["error_samples"] + run["warmup"]["error_samples"]:
+            for sample in (run["error_samples"] + run["warmup"]["error_samples"])[:5]:
                 out.append("     " + sample)
         if run["truncated"]:
             out.append("  !! %s run hit --max-run-time and was cut short" % side)
@@ -1281,10 +1331,6 @@ def proxy_environment(fake_port: int, extra: List[str]) -> Dict[str, str]:
     return env
 
 
-def _on_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)           # unwinds through `finally`: children are stopped
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.serve_fake is not None:
@@ -1301,11 +1347,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(args.proxy, "rb") as handle:
         proxy_sha1 = hashlib.sha1(handle.read()).hexdigest()
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _on_signal)
-    workdir = tempfile.mkdtemp(prefix="bench-claude-proxy-")
-    children = Children(workdir)
-    atexit.register(children.stop_all)
+    children = Children(tempfile.mkdtemp(prefix="bench-claude-proxy-"), args.keep_logs)
+    atexit.register(children.cleanup)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # Straight out, from wherever the run is (the event loop included): stop the children,
+        # remove the work folder, exit 128+signal. Partial results are not written.
+        os.write(2, b"\ninterrupted (signal %d); stopping the children\n" % signum)
+        children.cleanup()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     loadavg_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     summary: Dict[str, Any] = {}
     results: Dict[str, Dict[str, Any]] = {}
@@ -1356,18 +1409,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         }
         if proxy.poll() is not None:
             summary["proxy_process"]["log_tail"] = tail(proxy_log)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping the children", file=sys.stderr)
-        return 130
     except RuntimeError as exc:
         print("bench_claude_proxy: %s" % exc, file=sys.stderr)
         return 2
     finally:
-        children.stop_all()
-        if not args.keep_logs:
-            for name in os.listdir(workdir):
-                os.remove(os.path.join(workdir, name))
-            os.rmdir(workdir)
+        children.cleanup()
 
     errors = sum(r["direct"]["errors"] + r["proxy"]["errors"] for r in results.values())
     failed = sorted(name for name, r in results.items() if r["direct"]["errors"] or r["proxy"]["errors"])
@@ -1381,8 +1427,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("proxy RSS: idle %s MB, end %s MB, lifetime peak (VmHWM) %s MB; startup %.2f s; total %.1f s" % (
         _fmt(proc["rss_idle_mb"], 1), _fmt(proc["rss_end_mb"], 1), _fmt(proc["vmhwm_mb"], 1),
         proc["startup_s"], summary["total_s"]))
-    print("\nJSON summary:")
-    print(json.dumps(summary, indent=1, sort_keys=False))
+    print("\nJSON summary (one line):")
+    print(json.dumps(summary, separators=(",", ":")))
     if args.json:
         full = dict(summary, runs={name: {"config": r["config"], "direct": r["direct"], "proxy": r["proxy"]}
                                    for name, r in results.items()})

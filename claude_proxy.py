@@ -943,6 +943,7 @@ class ResponseContext:
     message_id: str
     stop_sequences: Tuple[str, ...] = ()
     input_tokens: int = 0                       # estimate, until the upstream reports usage
+    history_tool_ids: FrozenSet[str] = frozenset()   # tool_use ids already in the conversation
 
 
 def _repair_json(raw: str) -> Any:
@@ -999,6 +1000,8 @@ def stop_reason_for(finish_reason: Optional[str], has_tool_calls: bool, text_tai
     if has_tool_calls:
         return "tool_use", None
     reason = FINISH_TO_STOP.get(finish_reason or "stop", "end_turn")
+    if reason == "tool_use":
+        reason = "end_turn"                      # "tool_calls" with no call (Ollama lost them)
     if reason == "end_turn" and stop_sequences:
         if isinstance(matched, str) and matched in stop_sequences:
             return "stop_sequence", matched
@@ -1006,6 +1009,10 @@ def stop_reason_for(finish_reason: Optional[str], has_tool_calls: bool, text_tai
             if sequence and text_tail.endswith(sequence):
                 return "stop_sequence", sequence
     return reason, None
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _content_text(content: Any) -> str:
@@ -1045,7 +1052,7 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ProxyError(502, "api_error", "upstream answer has no choices")
     choice = choices[0]
-    message = choice.get("message") or {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     content: List[Dict[str, Any]] = []
     reasoning = _reasoning_of(message)
     text = _content_text(message.get("content"))
@@ -1064,11 +1071,20 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
     if isinstance(refusal, str) and refusal:
         content.append({"type": "text", "text": refusal})
         stop_reason = "refusal"
+    used_ids = set(ctx.history_tool_ids)
     for call in calls:
-        function = call.get("function") or {}
-        content.append({"type": "tool_use", "id": call.get("id") or new_tool_id(),
-                        "name": function.get("name") or "",
-                        "input": parse_tool_arguments(function.get("arguments"))})
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        name, arguments = _string(function.get("name")), function.get("arguments")
+        if not name:
+            if arguments in (None, "", {}):
+                continue
+            raise ProxyError(502, "api_error", "upstream returned a tool call without a function name")
+        call_id = _string(call.get("id"))
+        if not call_id or call_id in used_ids:   # missing, or reused from an earlier turn
+            call_id = new_tool_id()
+        used_ids.add(call_id)
+        content.append({"type": "tool_use", "id": call_id, "name": name,
+                        "input": parse_tool_arguments(arguments)})
     return {"id": ctx.message_id, "type": "message", "role": "assistant", "model": ctx.model,
             "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": usage_to_anthropic(completion.get("usage"), ctx.input_tokens)}
@@ -1080,15 +1096,17 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
 
 
 class _ToolCall:
-    __slots__ = ("id", "name", "block", "pending", "arguments", "sent")
+    __slots__ = ("id", "key", "name", "block", "pending", "arguments", "sent", "closed")
 
-    def __init__(self, call_id: str, name: str) -> None:
-        self.id = call_id
+    def __init__(self, call_id: str, key: str, name: str) -> None:
+        self.id = call_id                   # the id the client sees
+        self.key = key                      # the id the upstream gave it ("" if none yet)
         self.name = name
         self.block: Optional[int] = None    # its content block index once opened
         self.pending: List[str] = []        # argument fragments not yet sent
         self.arguments: List[str] = []      # every fragment, to tell when the JSON is complete
         self.sent = False                   # a non-empty fragment went out
+        self.closed = False
 
 
 def _complete_json(fragments: List[str]) -> bool:
@@ -1103,8 +1121,8 @@ class StreamTranslator:
     """Parsed Chat Completion chunks in, Anthropic SSE events (dicts) out. No I/O.
 
     ``start()`` gives message_start and a ping; ``feed(chunk)`` the events one chunk causes;
-    ``finish(saw_done)`` the closing events at ``[DONE]`` or end of stream; ``fail(type, msg)``
-    an ``error`` event. After finish or fail, ``ended`` is true and nothing more comes out.
+    ``finish()`` the closing events at ``[DONE]`` or end of stream; ``fail(type, msg)`` an
+    ``error`` event. After finish or fail, ``ended`` is true and nothing more comes out.
 
     The state is ``self.open``, the kind of the one open content block::
 
@@ -1117,12 +1135,17 @@ class StreamTranslator:
 
     Opening a block closes the open one (thinking closes with a signature_delta; a tool call
     that sent no arguments gets "{}"), so exactly one block is open and indices go 0, 1, 2.
-    Tool calls are keyed by their `index`; a fragment with no index belongs to the last call
-    unless it names a function after that call's arguments are complete, and a fragment whose
-    id differs from the call at its index starts a new call (Gemini sends parallel calls all at
-    index 0, sometimes with no index or id at all). Fragments of the open call go out as they arrive. A call
-    that starts while another is still open (interleaved parallel calls) waits, its fragments
-    buffered, until the open call's arguments form complete JSON or the stream ends.
+
+    Tool calls: a fragment belongs to the call with its id, else to the call at its `index`
+    (else to the last call). A different upstream id at a known index starts a new call
+    (Gemini sends parallel calls all at index 0), as does a fragment with neither index nor id
+    that names a function after the last call's arguments are complete. Fragments of the open
+    call go out as they arrive. A call that starts while another is still open (interleaved
+    parallel calls) waits, buffered, until the open call's arguments form complete JSON or the
+    stream ends; so does text or reasoning that arrives in the middle of a call's arguments,
+    since opening its block would cut the call short. A call is opened only once it has a
+    name, and its id is made unique against the ids already in the conversation.
+    A leading ``<think>…</think>`` in the content is reasoning (``_content``).
     """
 
     def __init__(self, ctx: ResponseContext, new_tool_id: Callable[[], str]) -> None:
@@ -1133,7 +1156,10 @@ class StreamTranslator:
         self.current: Optional[_ToolCall] = None  # the open tool call
         self.calls: List[_ToolCall] = []
         self.calls_by_index: Dict[Any, _ToolCall] = {}
+        self.calls_by_key: Dict[str, _ToolCall] = {}
         self.waiting: List[_ToolCall] = []         # calls not yet opened
+        self.deferred: List[Tuple[str, str]] = []  # text/reasoning held while a call is incomplete
+        self.emitted_calls = 0
         self.finish_reason: Optional[str] = None
         self.matched_stop: Any = None
         self.usage: Optional[Dict[str, Any]] = None
@@ -1161,56 +1187,62 @@ class StreamTranslator:
         error = chunk.get("error")
         if error:
             code = error.get("code") if isinstance(error, dict) else None
-            return self.fail(STREAM_ERROR_CODES.get(code, "api_error"),
+            return self.fail(STREAM_ERROR_CODES.get(code if isinstance(code, (int, str)) else None, "api_error"),
                              "upstream: " + upstream_error_message(chunk, "error in stream"))
         usage = chunk.get("usage")
-        if usage:
+        if usage and isinstance(usage, dict):
             self.usage = usage               # cumulative when sent on every chunk: keep the last
         choices = chunk.get("choices")
-        if not choices:
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             return []                        # usage chunk; Azure's prompt_filter_results chunk
         choice = choices[0]
         delta = choice.get("delta")
         events: List[Dict[str, Any]] = []
-        if delta:
+        if delta and isinstance(delta, dict):
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):
-                self._thinking(reasoning, events)
+                self._reasoning(reasoning, events)
             content = delta.get("content")
             if content:
                 self._content(content if isinstance(content, str) else _content_text(content), events)
-            for fragment in delta.get("tool_calls") or ():
-                self._tool_fragment(fragment, events)
+            tool_calls = delta.get("tool_calls")
+            if tool_calls and isinstance(tool_calls, list):
+                for fragment in tool_calls:
+                    if isinstance(fragment, dict) and not self.ended:
+                        self._tool_fragment(fragment, events)
         finish_reason = choice.get("finish_reason")
-        if finish_reason:
+        if finish_reason and isinstance(finish_reason, str):
             self.finish_reason = finish_reason
             self.matched_stop = choice.get("stop_reason")
         return events
 
-    def finish(self, saw_done: bool) -> List[Dict[str, Any]]:
-        """Closing events at the end of the upstream stream (`saw_done`: it sent [DONE])."""
+    def finish(self) -> List[Dict[str, Any]]:
+        """Closing events at the end of the upstream stream ([DONE] or the connection's end)."""
         if self.ended:
             return []
         if self.finish_reason == "error":
             return self.fail("api_error", "upstream ended the answer with finish_reason 'error'")
-        if self.finish_reason is None and not saw_done:
+        if self.finish_reason is None:
             # A cut connection must not look like a finished answer: that would poison the
             # conversation with a truncated turn.
             return self.fail("api_error", "upstream stream ended before the answer was complete")
         events: List[Dict[str, Any]] = []
-        self._flush_think_tags(events)
         self._close(events)
+        self._flush_deferred(events)
+        self._flush_think_tags(events)
         for call in self.waiting:
+            if not call.name:
+                if "".join(call.arguments).strip():
+                    return self.fail("api_error", "upstream sent a tool call without a function name")
+                continue                          # a metadata-only fragment: nothing to call
             self._open_tool(call, events)
             self._close(events)
         self.waiting = []
         stop_reason, stop_sequence = stop_reason_for(
-            self.finish_reason, bool(self.calls), self.text_tail, self.ctx.stop_sequences,
+            self.finish_reason, self.emitted_calls > 0, self.text_tail, self.ctx.stop_sequences,
             self.matched_stop)
-        if self.usage:
-            usage = usage_to_anthropic(self.usage)
-        else:
-            usage = usage_to_anthropic(None, self.ctx.input_tokens)
+        usage = usage_to_anthropic(self.usage, self.ctx.input_tokens)
+        if not self.usage or not isinstance(self.usage.get("completion_tokens"), int):
             usage["output_tokens"] = max(self.output_chars // 4, 1)
         events.append({"type": "message_delta",
                        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
@@ -1249,23 +1281,31 @@ class StreamTranslator:
                 # The arguments must add up to a JSON object; a call without any is {}.
                 events.append({"type": "content_block_delta", "index": index,
                                "delta": {"type": "input_json_delta", "partial_json": "{}"}})
+            self.current.closed = True
             self.current = None
         events.append({"type": "content_block_stop", "index": index})
         self.open = None
 
-    def _thinking(self, text: str, events: List[Dict[str, Any]]) -> None:
-        if self.think_tags == "start":
-            self.think_tags = "done"             # real reasoning: content is only content
-        if self.open != "thinking":
-            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, events)
-        self.output_chars += len(text)
-        self.thinking.append(text)
-        events.append({"type": "content_block_delta", "index": self.next_index - 1,
-                       "delta": {"type": "thinking_delta", "thinking": text}})
+    def _tool_incomplete(self) -> bool:
+        return self.open == "tool" and not _complete_json(self.current.arguments)
+
+    def _flush_deferred(self, events: List[Dict[str, Any]]) -> None:
+        deferred, self.deferred = self.deferred, []
+        for kind, text in deferred:
+            (self._content if kind == "text" else self._reasoning)(text, events)
+
+    def _reasoning(self, text: str, events: List[Dict[str, Any]]) -> None:
+        if self.deferred or self._tool_incomplete():
+            self.deferred.append(("reasoning", text))
+        else:
+            self._thinking(text, events)
 
     def _content(self, text: str, events: List[Dict[str, Any]]) -> None:
         """Content text, with a leading <think>…</think> section sent as thinking. The tags may
         be split across chunks: text that may still turn out to be a tag waits in `held`."""
+        if self.deferred or self._tool_incomplete():
+            self.deferred.append(("text", text))
+            return None
         if self.think_tags == "done":
             return self._text(text, events)
         held = self.held + text
@@ -1297,6 +1337,16 @@ class StreamTranslator:
         if held:
             (self._thinking if self.think_tags == "inside" else self._text)(held, events)
 
+    def _thinking(self, text: str, events: List[Dict[str, Any]]) -> None:
+        if self.think_tags == "start":
+            self.think_tags = "done"             # real reasoning: content is only content
+        if self.open != "thinking":
+            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, events)
+        self.output_chars += len(text)
+        self.thinking.append(text)
+        events.append({"type": "content_block_delta", "index": self.next_index - 1,
+                       "delta": {"type": "thinking_delta", "thinking": text}})
+
     def _text(self, text: str, events: List[Dict[str, Any]]) -> None:
         if not text:
             return
@@ -1309,38 +1359,67 @@ class StreamTranslator:
         events.append({"type": "content_block_delta", "index": self.next_index - 1,
                        "delta": {"type": "text_delta", "text": text}})
 
+    def _find_call(self, key: str, index: Any, name: str) -> Optional[_ToolCall]:
+        """The call a fragment continues, or None when it starts a new one."""
+        if key and key in self.calls_by_key:
+            return self.calls_by_key[key]
+        call = self.calls_by_index.get(index) if index is not None else (self.calls[-1] if self.calls else None)
+        if call is None:
+            return None
+        if key:
+            if call.key:
+                return None                      # Gemini: another call at a repeated index
+            call.key = key                       # the upstream's id arrived after the name
+            self.calls_by_key[key] = call
+            if call.block is None and key not in self.ctx.history_tool_ids:
+                call.id = key
+        elif index is None and name and call.name and (name != call.name or _complete_json(call.arguments)):
+            return None                          # a new call with neither index nor id
+        return call
+
     def _tool_fragment(self, fragment: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
         index = fragment.get("index")
-        call_id = fragment.get("id") or ""
-        function = fragment.get("function") or {}
-        name = function.get("name") or ""
+        if not isinstance(index, (int, str)):
+            index = None
+        key = _string(fragment.get("id"))
+        function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}
+        name = _string(function.get("name"))
         arguments = function.get("arguments")
         if arguments is None:
             arguments = ""
         elif not isinstance(arguments, str):
             arguments = json.dumps(arguments)        # some servers send the arguments as an object
-        call = self.calls_by_index.get(index) if index is not None else (
-            self.calls[-1] if self.calls else None)
-        if call is not None and call_id and call.id and call_id != call.id:
-            call = None                              # Gemini: a new call at a repeated index
-        elif call is not None and index is None and not call_id and name and call.name and (
-                name != call.name or _complete_json(call.arguments)):
-            call = None                              # a new call with neither index nor id
+        call = self._find_call(key, index, name)
         if call is None:
-            call = _ToolCall(call_id or self.new_tool_id(), name)
+            if not name and not arguments:
+                return                               # metadata for no call we know
+            unique = key and key not in self.ctx.history_tool_ids and key not in self.calls_by_key
+            call = _ToolCall(key if unique else self.new_tool_id(), key, name)
             self.calls.append(call)
             self.waiting.append(call)
-            self.calls_by_index[index] = call
+            if index is not None:
+                self.calls_by_index[index] = call
+            if key:
+                self.calls_by_key[key] = call
         elif name and not call.name:
             call.name = name
         if arguments:
+            if call.closed:
+                if arguments.strip():
+                    events.extend(self.fail("api_error", "upstream sent more arguments for tool call %s "
+                                                         "after they were complete" % call.id))
+                return
             call.arguments.append(arguments)
             if call is self.current:
                 self._send_arguments(call, arguments, events)
+                if self.deferred and _complete_json(call.arguments):
+                    self._flush_deferred(events)
                 return
             call.pending.append(arguments)
-        if call in self.waiting and call.name and (
-                self.open != "tool" or _complete_json(self.current.arguments)):
+        # Opened once it has a name and either its id or some arguments (an id that comes
+        # after the name is then still the one the client sees).
+        if call in self.waiting and call.name and (call.key or call.arguments) and \
+                not self.deferred and not self._tool_incomplete():
             self.waiting.remove(call)
             self._open_tool(call, events)
 
@@ -1348,6 +1427,7 @@ class StreamTranslator:
         call.block = self._open("tool", {"type": "tool_use", "id": call.id, "name": call.name,
                                          "input": {}}, events)
         self.current = call
+        self.emitted_calls += 1
         if call.pending:
             self._send_arguments(call, "".join(call.pending), events)
             call.pending = []
@@ -1418,7 +1498,7 @@ def assemble_message(events: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
         elif kind == "content_block_stop":
             block = message["content"][event["index"]]
             if block["type"] == "tool_use":
-                block["input"] = json.loads("".join(partial[event["index"]]) or "{}")
+                block["input"] = parse_tool_arguments("".join(partial[event["index"]]))
         elif kind == "message_delta":
             message.update(event["delta"])
             message["usage"] = dict(message.get("usage") or {}, **event["usage"])
@@ -2006,7 +2086,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         saw_done = True
                         break
                     events.extend(translator.feed(parse_chunk(data)))
-                events.extend(translator.finish(saw_done))
+                events.extend(translator.finish())
                 self._release(conn, response)
                 return self._send_json(200, assemble_message(events))
             return self._send_json(200, self._completion_message(conn, response, ctx))
@@ -2098,7 +2178,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     writer.write(translator.feed(parse_chunk(data)))
                     if translator.ended:
                         break
-                closing = translator.finish(saw_done)
+                closing = translator.finish()
             except ProxyError as err:
                 if writer.closed:
                     raise ClientGone() from None

@@ -116,14 +116,14 @@ def check_stream(frames):
     return events
 
 
-def run_translator(chunks, stop_sequences=(), saw_done=True, input_tokens=7):
+def run_translator(chunks, stop_sequences=(), input_tokens=7):
     ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1",
                              stop_sequences=tuple(stop_sequences), input_tokens=input_tokens)
     translator = cp.StreamTranslator(ctx, ids())
     events = translator.start()
     for chunk in chunks:
         events += translator.feed(chunk)
-    events += translator.finish(saw_done)
+    events += translator.finish()
     return check_stream([(e["type"], e) for e in events])
 
 
@@ -579,7 +579,7 @@ def test_stream_finish_reason_on_the_chunk_with_the_last_content():
 
 
 def test_stream_end_without_finish_reason_is_an_error_not_a_success():
-    events = run_translator([chunk({"content": "partial"})], saw_done=False)
+    events = run_translator([chunk({"content": "partial"})])
     assert events[-1] == {"type": "error", "error": {
         "type": "api_error", "message": "upstream stream ended before the answer was complete"}}
     assert not any(e["type"] == "message_stop" for e in events)
@@ -604,6 +604,103 @@ def test_stream_length_and_content_filter():
 def test_stream_usage_missing_is_estimated_not_null():
     usage = run_translator([chunk({"content": "x" * 40}, "stop")], input_tokens=55)[-2]["usage"]
     assert usage["input_tokens"] == 55 and usage["output_tokens"] == 10
+
+
+def test_stream_text_in_the_middle_of_tool_arguments_waits_for_the_call_to_complete():
+    events = run_translator([
+        chunk({"content": "Running it."}), chunk(tool_delta(0, '{"command": "rm -rf build/tmp', "call_1", "Bash")),
+        chunk({"content": " "}), chunk({"reasoning_content": "hmm"}), chunk(tool_delta(0, '/cache"}')),
+        chunk({"content": "Done."}), chunk({}, "tool_calls")])
+    message = cp.assemble_message(events)
+    assert [(b["type"], b.get("input") or b.get("text") or b.get("thinking")) for b in message["content"]] == [
+        ("text", "Running it."), ("tool_use", {"command": "rm -rf build/tmp/cache"}), ("text", " "),
+        ("thinking", "hmm"), ("text", "Done.")]
+
+
+def test_stream_random_interleavings_never_lose_arguments_or_text():
+    import random
+    rng = random.Random(1234)
+    for case in range(400):
+        args = ['{"path": "a/b.py", "n": %d}' % case, '{"pattern": "x\\\\d+", "glob": "*.py"}']
+        pieces = []
+        for a in args:
+            cuts = sorted(rng.sample(range(1, len(a)), rng.randint(1, 6)))
+            pieces.append([a[i:j] for i, j in zip([0] + cuts, cuts + [len(a)])])
+        script = [("tool", 0, p) for p in pieces[0]] + [("tool", 1, p) for p in pieces[1]]
+        texts = ["t%d " % i for i in range(rng.randint(0, 4))]
+        script += [("text", None, t) for t in texts]
+        rng.shuffle(script)
+        # keep each call's fragments in order, and the texts in order
+        order = {0: iter(pieces[0]), 1: iter(pieces[1])}
+        text_iter = iter(texts)
+        chunks, started = [], set()
+        for kind, index, _ in script:
+            if kind == "text":
+                chunks.append(chunk({"content": next(text_iter)}))
+            else:
+                fragment = next(order[index])
+                first = index not in started
+                started.add(index)
+                chunks.append(chunk(tool_delta(index, fragment, "call_%d" % index if first else None,
+                                               ("Read", "Grep")[index] if first else None)))
+        message = cp.assemble_message(run_translator(chunks + [chunk({}, "tool_calls")]))
+        calls = {b["id"]: b["input"] for b in message["content"] if b["type"] == "tool_use"}
+        assert calls == {"call_0": json.loads(args[0]), "call_1": json.loads(args[1])}, case
+        assert "".join(b["text"] for b in message["content"] if b["type"] == "text") == "".join(texts), case
+
+
+def test_stream_late_id_is_adopted_not_a_second_call():
+    events = run_translator([chunk(tool_delta(0, None, None, "Bash")), chunk(tool_delta(0, '{"command":"ls"}', "call_1")),
+                             chunk({}, "tool_calls")])
+    assert [(b["id"], b["name"], b["input"]) for b in cp.assemble_message(events)["content"]] == [
+        ("call_1", "Bash", {"command": "ls"})]
+
+
+def test_gemini_metadata_only_delta_for_an_earlier_call_adds_no_block():
+    events = run_translator([
+        chunk({"tool_calls": [{"index": 0, "id": "call_A", "function": {"name": "Read", "arguments": '{"p":1}'}}]}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_B", "function": {"name": "Read", "arguments": '{"p":2}'}}]}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_A", "extra_content": {"google": {"thought_signature": "x"}}}]}),
+        chunk({}, "stop")])
+    assert [b["id"] for b in cp.assemble_message(events)["content"]] == ["call_A", "call_B"]
+
+
+def test_stream_arguments_for_a_completed_call_are_an_error_not_lost():
+    events = run_translator([chunk(tool_delta(0, '{"a":1}', "call_1", "A")), chunk(tool_delta(1, '{}', "call_2", "B")),
+                             chunk(tool_delta(0, ',"b":2}')), chunk({}, "tool_calls")])
+    assert events[-1]["type"] == "error" and "after they were complete" in events[-1]["error"]["message"]
+
+
+def test_stream_tool_ids_reused_from_history_are_replaced():
+    ctx = cp.ResponseContext(model="m", message_id="msg_1", history_tool_ids=frozenset(["call_0"]))
+    translator = cp.StreamTranslator(ctx, ids())
+    events = translator.start() + translator.feed(chunk(tool_delta(0, "{}", "call_0", "A"))) + \
+        translator.feed(chunk({}, "tool_calls")) + translator.finish()
+    assert cp.assemble_message(check_stream([(e["type"], e) for e in events]))["content"][0]["id"] == "toolu_gen1"
+    message = cp.to_anthropic(completion({"tool_calls": [{"id": "call_0", "function": {"name": "A", "arguments": "{}"}}]},
+                                         "tool_calls"), ctx, ids())
+    assert message["content"][0]["id"] == "toolu_gen1"
+
+
+def test_finish_tool_calls_without_any_call_is_end_turn():
+    assert run_translator([chunk({"content": "x"}, "tool_calls")])[-2]["delta"]["stop_reason"] == "end_turn"
+    assert cp.to_anthropic(completion({"content": "x"}, "tool_calls"), CTX, ids())["stop_reason"] == "end_turn"
+
+
+@pytest.mark.parametrize("bad_chunk", [
+    {"choices": [None]}, {"choices": [{"index": 0, "delta": "oops"}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": {"index": 0}}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "A"}]}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [None, {"index": [1]}]}}]},
+    {"choices": "all", "usage": [1, 2]}, {"choices": [{"index": 0, "delta": {"content": 5}}]},
+])
+def test_stream_malformed_chunk_pieces_are_skipped(bad_chunk):
+    events = run_translator([chunk({"content": "a"}), bad_chunk, chunk({"content": "b"}, "stop")])
+    assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "ab"}]
+
+
+def test_stream_error_chunk_with_odd_code():
+    assert run_translator([{"error": {"code": {"x": 1}, "message": "odd"}}])[-1]["error"]["type"] == "api_error"
 
 
 def test_message_to_events_and_assemble_round_trip():
@@ -705,7 +802,7 @@ def test_any_provider_arguments_sent_as_an_object_in_a_stream():
 
 
 def test_any_provider_no_done_before_close_after_a_finish_reason_is_a_clean_end():
-    events = run_translator([chunk({"content": "ok"}), chunk({}, "stop")], saw_done=False)
+    events = run_translator([chunk({"content": "ok"}), chunk({}, "stop")])
     assert events[-1] == {"type": "message_stop"}
 
 
