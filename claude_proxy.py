@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -38,6 +39,7 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import ssl
 import sys
@@ -116,8 +118,8 @@ def parse_dotenv(text: str) -> Dict[str, str]:
             line = line[7:].lstrip()
         key, value = line.split("=", 1)
         key, value = key.strip(), value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        if value[:1] in ("'", '"') and value.find(value[0], 1) > 0:
+            value = value[1:value.find(value[0], 1)]      # a quoted value; anything after is a comment
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
         values[key] = value
@@ -153,7 +155,12 @@ def load_settings(environ: Dict[str, str], argv: List[str], dotenv_text: str = "
                     raw = dotenv.get(name)
                 if raw is not None:
                     break
-        if raw is None or (raw == "" and f.type != "str"):
+        if raw is None:
+            continue
+        raw = raw.strip()
+        if "\n" in raw or "\r" in raw:
+            raise ValueError("%s contains a line break" % f.metadata["env"])
+        if raw == "" and f.type != "str":
             continue
         try:
             values[f.name] = _CONVERTERS[f.type](raw)
@@ -263,6 +270,15 @@ class ProxyError(Exception):
         self.upstream_message = ""
         if status < 500 and status not in (408, 409, 429):
             self.headers.setdefault("x-should-retry", "false")
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON. A lone surrogate (a string the client cut mid-emoji) has no UTF-8
+    form: then the text goes out with \\uXXXX escapes, as it came in."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 def error_body(error_type: str, message: str) -> Dict[str, Any]:
@@ -389,6 +405,25 @@ def map_model(model: str, settings: Settings) -> str:
 
 def _invalid(message: str) -> ProxyError:
     return ProxyError(400, "invalid_request_error", message)
+
+
+@contextlib.contextmanager
+def wrong_types_are_400() -> Iterator[None]:
+    """A request whose fields have unexpected types (a dict where text belongs, ...) is the
+    client's mistake: a 400, never a 500 the client would retry."""
+    try:
+        yield
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
+        raise _invalid("a field of the request has an unexpected type or value (%s)" % exc.__class__.__name__) from None
+
+
+def history_tool_ids(messages: List[Any]) -> FrozenSet[str]:
+    """The tool_use ids already in the conversation (an answer must not reuse one)."""
+    return frozenset(
+        block["id"] for message in messages
+        if isinstance(message, dict) and message.get("role") == "assistant" and isinstance(message.get("content"), list)
+        for block in message["content"]
+        if isinstance(block, dict) and block.get("type") == "tool_use" and isinstance(block.get("id"), str))
 
 
 def _blocks(content: Any, where: str) -> List[Dict[str, Any]]:
@@ -553,15 +588,29 @@ def _system_reminder(text: str) -> str:
     return "<system-reminder>\n%s\n</system-reminder>" % text
 
 
-def convert_messages(messages: List[Any], reasoning_field: str = "") -> List[Dict[str, Any]]:
-    """Anthropic `messages` -> OpenAI messages (the leading system message is added elsewhere)."""
-    out: List[Dict[str, Any]] = []
-    pending: List[str] = []        # tool call ids of the last assistant message, not yet answered
+def _merged_turns(messages: List[Any]) -> List[Tuple[Any, Any, str]]:
+    """(role, content, where) with consecutive user turns, and consecutive assistant turns,
+    merged as the Anthropic API merges them: results sent in separate user turns still answer
+    the calls before them."""
+    turns: List[Tuple[Any, Any, str]] = []
     for position, message in enumerate(messages):
         where = "messages.%d" % position
         if not isinstance(message, dict):
             raise _invalid("%s: must be an object" % where)
         role, content = message.get("role"), message.get("content")
+        if turns and role in ("user", "assistant") and turns[-1][0] == role:
+            previous = turns[-1]
+            turns[-1] = (role, _blocks(previous[1], previous[2]) + _blocks(content, where), previous[2])
+        else:
+            turns.append((role, content, where))
+    return turns
+
+
+def convert_messages(messages: List[Any], reasoning_field: str = "") -> List[Dict[str, Any]]:
+    """Anthropic `messages` -> OpenAI messages (the leading system message is added elsewhere)."""
+    out: List[Dict[str, Any]] = []
+    pending: List[str] = []        # tool call ids of the last assistant message, not yet answered
+    for role, content, where in _merged_turns(messages):
         if role == "assistant":
             if pending:
                 _answer_calls(out, pending, {})
@@ -1047,7 +1096,10 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
                  new_tool_id: Callable[[], str]) -> Dict[str, Any]:
     """A Chat Completion -> an Anthropic message. Raises ProxyError for an unusable answer."""
     if completion.get("error"):
-        raise ProxyError(502, "api_error", "upstream: " + upstream_error_message(completion, "error"))
+        # An error in a 200 body: classified by its code when that is an HTTP status.
+        code = completion["error"].get("code") if isinstance(completion["error"], dict) else None
+        status = code if isinstance(code, int) and 400 <= code < 600 else 502
+        raise upstream_error(status, json_bytes(completion), None)
     choices = completion.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ProxyError(502, "api_error", "upstream answer has no choices")
@@ -1441,8 +1493,7 @@ class StreamTranslator:
 
 def encode_sse(event: Dict[str, Any]) -> bytes:
     """One SSE event: `event:` line named after data.type, one `data:` line, blank line."""
-    return ("event: %s\ndata: %s\n\n" % (
-        event["type"], json.dumps(event, ensure_ascii=False, separators=(",", ":")))).encode("utf-8")
+    return b"event: " + event["type"].encode("ascii") + b"\ndata: " + json_bytes(event) + b"\n\n"
 
 
 def message_to_events(message: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -1564,7 +1615,21 @@ def estimate_tokens(request: Dict[str, Any]) -> int:
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
-                           ConnectionAbortedError, http.client.BadStatusLine)
+                           ConnectionAbortedError, http.client.BadStatusLine, ssl.SSLEOFError)
+IDLE_TTL = 60.0     # seconds a pooled connection may sit idle (NATs drop silent connections)
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive connection is usable if nothing is waiting to be read on it: a
+    readable idle socket means the upstream closed it (or sent something unexpected)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 class UpstreamPool:
@@ -1586,7 +1651,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.ssl_context = ssl.create_default_context() if self.https else None
         self.proxy = self._proxy_for(proxies if proxies is not None else urllib.request.getproxies())
-        self._idle: List[http.client.HTTPConnection] = []
+        self._idle: List[Tuple[http.client.HTTPConnection, float]] = []
         self._lock = threading.Lock()
 
     def _proxy_for(self, proxies: Dict[str, str]) -> Optional[urllib.parse.SplitResult]:
@@ -1627,24 +1692,30 @@ class UpstreamPool:
         conn.sock.settimeout(self.read_timeout)
         return conn
 
-    def _acquire(self) -> Tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+    def _acquire(self, fresh: bool) -> Tuple[http.client.HTTPConnection, bool]:
+        now = time.monotonic()
+        while not fresh:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn, released = self._idle.pop()
+            if now - released < IDLE_TTL and _still_open(conn):
+                return conn, True
+            conn.close()
         return self._connect(), False
 
     def release(self, conn: http.client.HTTPConnection) -> None:
         """Give back a connection whose response was read to the end."""
         with self._lock:
             if len(self._idle) < self.max_idle:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
                 return
         conn.close()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
     def post(self, path: str, body: bytes, headers: Dict[str, str]
@@ -1655,7 +1726,7 @@ class UpstreamPool:
             conn = None
             reused = False
             try:
-                conn, reused = self._acquire()
+                conn, reused = self._acquire(fresh=attempt == 2)
                 conn.request("POST", target, body=body, headers=headers)
                 return conn, conn.getresponse()
             except STALE_CONNECTION_ERRORS as exc:
@@ -1664,6 +1735,11 @@ class UpstreamPool:
                 if reused and attempt == 1:
                     continue                     # closed by the upstream while idle: once more
                 raise transport_error(exc, self.origin) from None
+            except ValueError:                   # http.client refuses a header value
+                if conn is not None:
+                    conn.close()
+                raise ProxyError(500, "api_error", "the upstream request has an invalid header; check "
+                                 "OPENAI_API_KEY for stray characters", {"x-should-retry": "false"}) from None
             except (OSError, http.client.HTTPException) as exc:
                 if conn is not None:
                     conn.close()
@@ -1722,6 +1798,7 @@ def iter_sse_data(lines: Iterable[bytes], origin: str = "upstream") -> Iterator[
 # =============================================================================================
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+DRAIN_TIMEOUT = 1.0      # seconds to read the end of an upstream body after [DONE]
 
 
 def new_id(prefix: str) -> str:
@@ -1835,6 +1912,26 @@ def _close_upstream(conn: http.client.HTTPConnection) -> None:
     conn.close()
 
 
+class RedactSecrets(logging.Filter):
+    """Keys never reach the log, not even inside a traceback."""
+
+    def __init__(self, secrets: Tuple[str, ...]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+        for secret in self.secrets:
+            message = message.replace(secret, "***")
+        record.msg, record.args = message, None
+        return True
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -1859,10 +1956,16 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.upstream_headers["Authorization"] = "Bearer " + key
         self.heartbeat = Heartbeat(settings.ping_interval)
         self.secrets = tuple(s for s in (settings.openai_api_key, settings.anthropic_api_key) if len(s) >= 4)
+        self.log_filter = RedactSecrets(self.secrets)
+        log.addFilter(self.log_filter)
         self.dialects: Dict[str, Dialect] = {}
         self.learned: Dict[str, ModelFixes] = {}
         self.learned_lock = threading.Lock()
         super().__init__((settings.host, settings.port), Handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        log.removeFilter(self.log_filter)
 
     def dialect_for(self, model: str) -> Dialect:
         dialect = self.dialects.get(model)
@@ -1894,6 +1997,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "claude-code-proxy/" + __version__
     disable_nagle_algorithm = True
     server: ProxyServer
+
+    def setup(self) -> None:
+        # A client that stops reading (or sits idle on a kept-alive connection) frees its
+        # thread after this long instead of holding it forever.
+        self.timeout = self.server.settings.request_timeout
+        super().setup()
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -1955,8 +2064,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             size = int(length)
         except ValueError:
+            size = -1
+        if size < 0:
             self.close_connection = True
-            raise _invalid("Content-Length is not a number") from None
+            raise _invalid("Content-Length is not a valid length")
         if size > MAX_BODY_BYTES:
             self.close_connection = True
             raise ProxyError(413, "request_too_large", "request body over %d bytes" % MAX_BODY_BYTES)
@@ -1965,7 +2076,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _read_chunked(self) -> bytes:
         parts, total = [], 0
         while True:
-            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            try:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            except ValueError:
+                self.close_connection = True
+                raise _invalid("malformed chunked request body") from None
             if size == 0:
                 while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                     pass
@@ -1981,17 +2096,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         expected = self.server.settings.anthropic_api_key
         if not expected:
             return
-        given = self.headers.get("x-api-key") or ""
         authorization = self.headers.get("Authorization") or ""
-        if not given and authorization[:7].lower() == "bearer ":
-            given = authorization[7:].strip()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        # Some setups send both headers (ANTHROPIC_API_KEY and ANTHROPIC_AUTH_TOKEN): either may match.
+        matches = [hmac.compare_digest(given.encode(), expected.encode())
+                   for given in (self.headers.get("x-api-key") or "", bearer)]
+        if not any(matches):
             raise ProxyError(401, "authentication_error", "invalid x-api-key")
 
     # -- responses --------------------------------------------------------------------------
 
     def _send_json(self, status: int, payload: Any, headers: Optional[Dict[str, str]] = None) -> None:
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        body = json_bytes(payload)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -2055,20 +2171,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         request = parse_json(body)
         if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
             raise _invalid("messages: a list of messages is required")
-        self._send_json(200, {"input_tokens": estimate_tokens(request)})
+        with wrong_types_are_400():
+            tokens = estimate_tokens(request)
+        self._send_json(200, {"input_tokens": tokens})
 
     def messages(self, body: bytes) -> None:
-        request = validate_request(parse_json(body))
         server = self.server
-        model = map_model(request["model"], server.settings)
-        openai_request = apply_fixes(to_openai(request, server.settings, server.dialect_for(model)),
-                                     server.fixes_for(model))
-        stream = bool(request.get("stream"))
+        with wrong_types_are_400():
+            request = validate_request(parse_json(body))
+            model = map_model(request["model"], server.settings)
+            openai_request = apply_fixes(to_openai(request, server.settings, server.dialect_for(model)),
+                                         server.fixes_for(model))
+            stream = bool(request.get("stream"))
+            ctx = ResponseContext(
+                model=request["model"], message_id=new_id("msg_"),
+                stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),
+                input_tokens=estimate_tokens(request) if stream else 0,
+                history_tool_ids=history_tool_ids(request["messages"]))
         self.log_note = "%s -> %s%s" % (request["model"], model, " stream" if stream else "")
-        ctx = ResponseContext(
-            model=request["model"], message_id=new_id("msg_"),
-            stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),
-            input_tokens=estimate_tokens(request) if stream else 0)
+        self.anthropic_request = request
         conn, response = self._post_upstream(openai_request)
         try:
             is_sse = "text/event-stream" in (response.getheader("Content-Type") or "")
@@ -2104,9 +2225,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for attempt in (1, 2):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("upstream request: %s", json.dumps(openai_request)[:4000])
-            conn, response = server.pool.post(server.chat_path, json.dumps(
-                openai_request, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-                server.upstream_headers)
+            conn, response = server.pool.post(server.chat_path, json_bytes(openai_request),
+                                              server.upstream_headers)
             if response.status == 200:
                 self.upstream_released = False
                 return conn, response
@@ -2143,6 +2263,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              upstream_error_message(body.decode("utf-8", "replace"), "")) from None
         if not isinstance(completion, dict):
             raise ProxyError(502, "api_error", "upstream answer is not a JSON object")
+        usage = completion.get("usage")
+        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+            ctx = dataclasses.replace(ctx, input_tokens=estimate_tokens(self.anthropic_request))
         return to_anthropic(completion, ctx, lambda: new_id("toolu_"))
 
     def _start_stream(self) -> None:
@@ -2154,6 +2277,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("request-id", self.request_id)
         self.end_headers()
         self.response_started = True
+
+    def _drain_and_release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        """After [DONE], read the end of the chunked body (briefly) so the connection can be
+        reused; an upstream that keeps the body open loses the connection instead."""
+        sock = conn.sock
+        if sock is None:
+            return
+        try:
+            sock.settimeout(DRAIN_TIMEOUT)
+            read_body(response, self.server.pool.origin)
+            sock.settimeout(self.server.pool.read_timeout)
+        except (ProxyError, OSError):
+            _close_upstream(conn)
+            return
+        self._release(conn, response)
 
     def _send_stream_whole(self, events: List[Dict[str, Any]]) -> None:
         self._start_stream()
@@ -2170,27 +2308,40 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             writer.write(translator.start())
             heartbeat.add(writer)
+            closing: List[Dict[str, Any]] = []
             try:
                 for data in iter_sse_data(response, self.server.pool.origin):
                     if data == "[DONE]":
                         saw_done = True
                         break
-                    writer.write(translator.feed(parse_chunk(data)))
-                    if translator.ended:
+                    events = translator.feed(parse_chunk(data))
+                    if translator.ended:       # an error chunk: it closes the stream
+                        closing = events
                         break
-                closing = translator.finish()
+                    writer.write(events)
+                closing = closing or translator.finish()
             except ProxyError as err:
                 if writer.closed:
                     raise ClientGone() from None
                 closing = translator.fail(err.error_type, err.message)
+            except ClientGone:
+                raise
+            except Exception:                  # a bug: the client still gets a proper end
+                log.exception("unexpected error translating the upstream stream")
+                closing = translator.fail("api_error", "internal proxy error")
+                saw_done = False
             heartbeat.remove(writer)
-            if closing and closing[0]["type"] == "error":
-                self.log_note += " stream error: " + self.server.redact(closing[0]["error"]["message"])
+            if closing and closing[-1]["type"] == "error":
+                error = closing[-1]["error"]
+                error["message"] = self.server.redact(error["message"])
+                self.log_note += " stream error: " + error["message"]
                 self.close_connection = True
+                saw_done = False
             writer.end(closing)
             if saw_done:
-                read_body(response, self.server.pool.origin)   # the end of the chunked body
-                self._release(conn, response)
+                self._drain_and_release(conn, response)
+            else:
+                _close_upstream(conn)
         except ClientGone:
             self.close_connection = True
             self.log_note += " client went away"

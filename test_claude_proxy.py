@@ -149,6 +149,14 @@ def test_settings_precedence_flag_then_environment_then_dotenv():
     assert (s.big_model, s.small_model, s.port, s.middle_model) == ("from-env", "dot-small", 9100, "m")
 
 
+def test_settings_quoted_value_with_comment_and_stray_whitespace():
+    s = cp.load_settings({"OPENAI_API_KEY": "sk-abc\n"}, [], 'BIG_MODEL="gpt #1"  # team model\nSMALL_MODEL=\'s\' # x\n')
+    assert (s.openai_api_key, s.big_model, s.small_model) == ("sk-abc", "gpt #1", "s")
+    with pytest.raises(ValueError, match="OPENAI_API_KEY contains a line break") as info:
+        cp.load_settings({"OPENAI_API_KEY": "sk-a\nb"}, [], "")
+    assert "sk-a" not in str(info.value)
+
+
 def test_settings_original_variable_names_and_alias():
     env = {"OPENAI_API_KEY": "k", "OPENAI_API_BASE": "http://h/v1", "ANTHROPIC_API_KEY": "a",
            "MIDDLE_MODEL": "mid", "HOST": "0.0.0.0", "LOG_LEVEL": "DEBUG", "MAX_TOKENS_LIMIT": "4096",
@@ -200,6 +208,16 @@ def test_upstream_error_messages_of_every_shape():
                                                 "failed_generation": "<fn>"}}, "") == \
         "tool call failed\nfailed_generation: <fn>"
     assert cp.upstream_error_message("<html><title>Bad Gateway</title></html>", "x") == "Bad Gateway"
+
+
+def test_log_records_and_tracebacks_are_redacted():
+    try:
+        raise ValueError("Invalid header value b'Bearer sk-live-SECRET'")
+    except ValueError:
+        record = logging.LogRecord("claude_proxy", logging.ERROR, __file__, 1, "key %s", ("sk-live-SECRET",), sys.exc_info())
+    assert cp.RedactSecrets(("sk-live-SECRET",)).filter(record)
+    assert "sk-live-SECRET" not in record.getMessage() and "Bearer ***" in record.getMessage()
+    assert record.exc_info is None
 
 
 def test_retry_after_passed_through():
@@ -308,6 +326,15 @@ REQUEST_CASES = [
           {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL]},
           {"role": "tool", "tool_call_id": "toolu_01", "content": cp.INTERRUPTED_RESULT},
           {"role": "user", "content": "[Result of tool call toolu_gone]\nold\n\nstop that"}])),
+    ("results in separate user turns still answer their calls", req(messages=[
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [CALL]}, {"role": "assistant", "content": [dict(CALL, id="toolu_02")]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_02", "content": "b"}]}]),
+     out([{"role": "user", "content": "go"},
+          {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL, dict(OPENAI_CALL, id="toolu_02")]},
+          {"role": "tool", "tool_call_id": "toolu_01", "content": "a"},
+          {"role": "tool", "tool_call_id": "toolu_02", "content": "b"}])),
     ("tools, tool_choice any, parallel disabled", req(tools=[TOOL], tool_choice={"type": "any", "disable_parallel_tool_use": True}),
      out([{"role": "user", "content": "hi"}], tools=[FN], tool_choice="required", parallel_tool_calls=False)),
     ("tool_choice tool", req(tools=[TOOL], tool_choice={"type": "tool", "name": "Bash"}),
@@ -1186,8 +1213,7 @@ def sse_reply(chunks, done=True, pieces=None, before_each=None):
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
-        parts = pieces if pieces is not None else [
-            b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n" for c in chunks]
+        parts = pieces if pieces is not None else [b"data: " + cp.json_bytes(c) + b"\n\n" for c in chunks]
         if done and pieces is None:
             parts = parts + [b"data: [DONE]\n\n"]
         try:
@@ -1581,6 +1607,142 @@ def test_e2e_pdf_refused_before_reaching_an_upstream_that_cannot_read_it(upstrea
             {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}]))
         assert status == 400 and "does not take PDF documents" in payload["error"]["message"]
         assert upstream.requests == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_e2e_lone_surrogate_in_the_history_and_in_the_answer(upstream, proxy):
+    # JavaScript's JSON.stringify writes "\ud83d" for a string cut mid-emoji.
+    body = b'{"model":"claude-opus-4-8","max_tokens":10,"messages":[{"role":"user","content":"cut here: \\ud83d"}]}'
+    upstream.script.append(json_text("reply \ud83d"))
+    response, payload = Client(proxy).call("POST", "/v1/messages", body)
+    assert response.status == 200 and json.loads(payload)["content"][0]["text"] == "reply \ud83d"
+    assert upstream.requests[0]["body"]["messages"][0]["content"] == "cut here: \ud83d"
+    upstream.script.append(sse_text("stream \ud83d"))
+    assert cp.assemble_message(Client(proxy).stream(req()))["content"][0]["text"] == "stream \ud83d"
+
+
+def test_e2e_pooled_connections_closed_by_the_upstream_are_not_used(upstream, proxy):
+    both_arrived = threading.Barrier(2, timeout=10)
+
+    def reply_then_hang_up(handler, body):
+        both_arrived.wait()
+        json_text("pooled")(handler, body)
+        handler.close_connection = True          # keep-alive promised, then closed while idle
+
+    upstream.script.extend([reply_then_hang_up, reply_then_hang_up])
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(Client(proxy).json("POST", "/v1/messages", req())[0]))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == [200, 200]
+    upstream.script.append(json_text("fresh"))
+    status, _, message = Client(proxy).json("POST", "/v1/messages", req())
+    assert status == 200 and message["content"][0]["text"] == "fresh"
+
+
+def test_e2e_unexpected_error_mid_stream_ends_with_an_error_event(upstream, proxy, monkeypatch):
+    def broken(self, text, events):
+        raise RuntimeError("bug")
+    monkeypatch.setattr(cp.StreamTranslator, "_text", broken)
+    upstream.script.append(sse_text("x"))
+    events = Client(proxy).stream(req())
+    assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "internal proxy error"}}
+    monkeypatch.undo()
+    upstream.script.append(json_text("still serving"))
+    assert Client(proxy).json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "still serving"
+
+
+def test_e2e_error_inside_a_stream_is_redacted(upstream, proxy):
+    upstream.script.append(sse_reply([chunk({"content": "a"}),
+                                      {"error": {"message": "Incorrect API key provided: sk-upstream-secret-123"}}]))
+    events = Client(proxy).stream(req())
+    assert events[-1]["type"] == "error" and "sk-upstream-secret-123" not in events[-1]["error"]["message"]
+    assert "***" in events[-1]["error"]["message"]
+
+
+def test_e2e_done_without_finish_reason_is_an_error(upstream, proxy):
+    upstream.script.append(sse_reply([]))
+    assert Client(proxy).stream(req())[-1]["type"] == "error"
+
+
+def test_e2e_upstream_holding_its_body_open_after_done_loses_the_connection(upstream, proxy, monkeypatch):
+    monkeypatch.setattr(cp, "DRAIN_TIMEOUT", 0.05)
+    released, closed = threading.Event(), threading.Event()
+
+    def done_then_hold(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for part in [b"data: " + json.dumps(chunk({"content": "hi"}, "stop")).encode() + b"\n\n", b"data: [DONE]\n\n"]:
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+        handler.connection.settimeout(10)
+        try:
+            if handler.connection.recv(1) == b"":
+                closed.set()
+        except OSError:
+            closed.set()
+        released.wait(10)
+        handler.close_connection = True
+
+    upstream.script.append(done_then_hold)
+    client = Client(proxy)
+    try:
+        assert cp.assemble_message(client.stream(req()))["content"][0]["text"] == "hi"
+        assert closed.wait(10), "the proxy kept waiting on an upstream body that never ended"
+        upstream.script.append(json_text("next"))
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "next"
+    finally:
+        released.set()
+
+
+def test_e2e_error_inside_a_200_body_keeps_its_status(upstream, proxy):
+    upstream.script.append(json_reply({"error": {"code": 429, "message": "busy"}}))
+    status, _, payload = Client(proxy).json("POST", "/v1/messages", req())
+    assert status == 429 and payload["error"]["type"] == "rate_limit_error"
+
+
+def test_e2e_usage_missing_is_estimated(upstream, proxy):
+    upstream.script.append(json_reply({"choices": [{"index": 0, "message": {"content": "x"}, "finish_reason": "stop"}]}))
+    message = Client(proxy).json("POST", "/v1/messages", req(messages=[{"role": "user", "content": "word " * 400}]))[2]
+    assert message["usage"]["input_tokens"] > 300
+
+
+@pytest.mark.parametrize("body", [
+    req(messages=[{"role": "user", "content": [{"type": "image", "source": "https://x/y.png"}]}]),
+    req(messages=[{"role": "user", "content": [{"type": "mystery", "text": 5}]}]),
+    req(messages=[{"role": "user", "content": [{"type": ["text"]}]}]),
+    req(messages=[{"role": "assistant", "content": [{"type": "text", "text": {"a": 1}}]}]),
+    req(stop_sequences={"a": 1}), req(tools=[TOOL], tool_choice={"type": ["any"]}),
+])
+def test_e2e_fields_of_the_wrong_type_are_400_not_500(upstream, proxy, body):
+    status, headers, payload = Client(proxy).json("POST", "/v1/messages", body)
+    assert status == 400 and payload["error"]["type"] == "invalid_request_error", payload
+    assert headers["x-should-retry"] == "false" and upstream.requests == []
+
+
+@pytest.mark.parametrize("head", [b"Content-Length: -1\r\n", b"Transfer-Encoding: chunked\r\n"])
+def test_e2e_bad_request_framing_is_400(proxy, head):
+    sock = socket.create_connection(proxy.server_address[:2], timeout=10)
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" + head + b"\r\nzz\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 400")
+
+
+def test_e2e_either_auth_header_may_carry_the_key(upstream):
+    server = start_proxy(upstream.url, anthropic_api_key="client-key-456")
+    try:
+        upstream.script.append(json_text("ok"))
+        status = Client(server).json("POST", "/v1/messages", req(), {"x-api-key": "x", "Authorization": "Bearer client-key-456"})[0]
+        assert status == 200
     finally:
         server.shutdown()
         server.server_close()
