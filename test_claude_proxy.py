@@ -1134,12 +1134,70 @@ def test_history_repair_empty_assistant_turn_dropped_and_user_turns_merged():
 # =============================================================================================
 
 
-def test_estimate_tokens_counts_text_tools_and_images():
-    small = cp.estimate_tokens(req())
-    with_tools = cp.estimate_tokens(req(tools=[TOOL] * 10))
-    with_image = cp.estimate_tokens(req(messages=[{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x" * 100000}}]}]))
-    assert small < 10 < with_tools and with_image == cp.IMAGE_TOKENS + 2
+TOKEN_CODE_SAMPLE = '''def read_body(response, origin):
+    """Read an upstream body; a transport fault becomes a ProxyError."""
+    try:
+        return response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise transport_error(exc, origin) from None
+
+
+class Heartbeat:
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.streams: Dict[SSEWriter, None] = {}
+        self.lock = threading.Lock()
+
+    def _run(self) -> None:
+        tick = max(min(self.interval / 4, 1.0), 0.01)
+        while True:
+            time.sleep(tick)
+            for writer in list(self.streams):
+                writer.ping_if_idle(time.monotonic(), self.interval)
+''' * 4
+TOKEN_ENGLISH = ("The proxy accepts the Anthropic Messages API, translates each request to Chat Completions, "
+                 "and translates the answer back: text, tool calls and their arguments, images, reasoning, "
+                 "stop reasons, token usage and errors. ") * 6
+TOKEN_CHINESE = "代理接受消息接口的请求，把它翻译成聊天补全格式，再把回答翻译回来，包括文本、工具调用、图像和推理。" * 8
+TOKEN_JAPANESE = "このプロキシはメッセージAPIを受け取り、チャット補完の形式に変換して、答えを元の形式に戻します。" * 8
+
+
+ENGLISH_TOKENS, CODE_TOKENS, CHINESE_TOKENS, JAPANESE_TOKENS, SCHEMA_TOKENS, CLAUDE_CODE_TOKENS = 272, 659, 271, 288, 1492, 7799
+
+
+def token_cases():
+    """(name, request, o200k_base count of its Chat Completions form, allowed error). The counts
+    were measured with tiktoken's o200k_base (GPT-4o): 3 tokens per message plus role and
+    content, 3 per tool call plus name and arguments, 3 for the reply, and the tools as
+    json.dumps lines (how vLLM, llama.cpp and Ollama chat templates render them)."""
+    return [
+        ("english", req(messages=[{"role": "user", "content": TOKEN_ENGLISH}]), ENGLISH_TOKENS, 0.10),
+        ("code", req(messages=[{"role": "user", "content": TOKEN_CODE_SAMPLE}]), CODE_TOKENS, 0.10),
+        ("chinese", req(messages=[{"role": "user", "content": TOKEN_CHINESE}]), CHINESE_TOKENS, 0.20),
+        ("japanese", req(messages=[{"role": "user", "content": TOKEN_JAPANESE}]), JAPANESE_TOKENS, 0.20),
+        ("json schemas", req(tools=[dict(TOOL, input_schema=CLAUDE_CODE_SCHEMA)] * 5), SCHEMA_TOKENS, 0.10),
+        ("claude code request", claude_code_request(), CLAUDE_CODE_TOKENS, 0.10),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_estimate_tokens_is_calibrated_against_o200k(case):
+    name, request, reference, allowed = token_cases()[case]
+    estimate = cp.estimate_tokens(request)
+    assert abs(estimate - reference) <= allowed * reference, (name, estimate, reference)
+
+
+def test_estimate_tokens_counts_images_and_skips_thinking():
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x" * 100000}}
+    with_image = cp.estimate_tokens(req(messages=[{"role": "user", "content": [image]}]))
+    assert cp.IMAGE_TOKENS <= with_image <= cp.IMAGE_TOKENS + 10
+    thinking = {"type": "thinking", "thinking": "long " * 5000, "signature": "s"}
+    assert cp.estimate_tokens(req(messages=[{"role": "assistant", "content": [thinking, {"type": "text", "text": "hi"}]}])) < 20
+
+
+def test_estimate_tokens_survives_odd_input():
+    assert cp.estimate_tokens({"messages": [None, {"content": [None, {"type": "text", "text": "\ud83d"}]}],
+                               "system": 5, "tools": [None, {"type": "web_search_20250305"}]}) >= 1
 
 
 # =============================================================================================
