@@ -42,10 +42,16 @@ How to read the figures:
   proxy (one process, one GIL) is saturated.
 - RSS = VmRSS of the proxy: idle after start, peak sampled every 100 ms during each run.
 - upstream conns: "new" = TCP connections to the fake opened during the measured phase that
-  carried chat requests (0 = every request reused a kept-alive connection from the warm-up);
+  carried chat requests (0 = every request reused a kept-alive connection from the warm-up; a
+  few under concurrency while the pool grows to it; about one per request = no reuse);
   "used" = distinct connections that carried them; "peak open" = most open at once (the pool).
+- rest of the machine: CPU used meanwhile by everything but the proxy, the fake and this
+  process (/proc/stat). Above 0.25 cores a warning says the run was disturbed: run it again.
+  On a 2-core machine, compare runs made the same way; p50 and CPU ms/req are the most
+  stable figures, p99 the least.
 A scenario with any error (non-200, a body that is not a message, a stream not ending in
 message_stop, an event: error, a timeout, a 400 at the fake) prints samples; exit status 1.
+The last line of the output is the JSON summary (--json FILE writes it with every run in full).
 """
 
 from __future__ import annotations
@@ -931,6 +937,16 @@ def proc_cpu_s(pid: int) -> Optional[Tuple[float, float]]:
         return None
 
 
+def machine_busy_s() -> Optional[float]:
+    """CPU seconds the whole machine has spent busy (all cores; /proc/stat), None without /proc."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:9]]
+        return (sum(fields) - fields[3] - fields[4]) / CLK_TCK      # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def cpu_used(before: Optional[Tuple[float, float]], after: Optional[Tuple[float, float]]
              ) -> Optional[Tuple[float, float]]:
     if before is None or after is None:
@@ -1089,6 +1105,7 @@ class Bench:
                 warm = await load.run(requests=scenario.warmup, max_time=self.args.max_run_time)
                 fake_call(self.fake_port, "POST", "/stats/reset")
                 proxy_cpu0, fake_cpu0 = proc_cpu_s(self.proxy_pid), proc_cpu_s(self.fake_pid)
+                own_cpu0, busy0 = proc_cpu_s(os.getpid()), machine_busy_s()
                 if warm.ok:
                     measured = await load.run(requests=scenario.requests, duration=scenario.duration,
                                               max_time=self.args.max_run_time)
@@ -1097,6 +1114,7 @@ class Bench:
                     measured.error("not_measured", "every warm-up request failed")
                 proxy_cpu = cpu_used(proxy_cpu0, proc_cpu_s(self.proxy_pid))
                 fake_cpu = cpu_used(fake_cpu0, proc_cpu_s(self.fake_pid))
+                own_cpu, busy1 = cpu_used(own_cpu0, proc_cpu_s(os.getpid())), machine_busy_s()
                 upstream = fake_call(self.fake_port, "GET", "/stats")
         finally:
             load.close()
@@ -1112,6 +1130,11 @@ class Bench:
             "request_bytes": len(payload),
             "client_connections_opened": measured.connections_opened,
             "loadgen_cpu_s": round(measured.loadgen_cpu, 3),
+            # CPU the rest of the machine used meanwhile (other processes, interrupts): noise
+            # (10 ms ticks: meaningless for runs under a second, and a few hundredths either way)
+            "other_cpu_cores": max(0.0, round((busy1 - busy0 - sum(own_cpu) - sum(proxy_cpu) - sum(fake_cpu))
+                                              / measured.duration, 2))
+            if None not in (busy0, busy1, own_cpu, proxy_cpu, fake_cpu) and measured.duration >= 1.0 else None,
             "truncated": measured.truncated or warm.truncated,
             "upstream": {
                 "requests": upstream["requests"], "bad_requests": upstream["bad_requests"],
@@ -1243,10 +1266,22 @@ def scenario_block(scenario: Scenario, result: Dict[str, Any]) -> str:
                    u["new_connections"], u["connections_used"], u["open_connections_peak"],
                    _fmt(u["requests_per_client_request"], 2), _fmt(u["request_body_bytes_avg"]),
                    _fmt(direct["upstream"]["request_body_bytes_avg"])))
+    out.append("  harness, proxy run: load generator %s cores, fake upstream %s ms CPU/req (direct run: %s cores);"
+               " rest of the machine %s / %s cores (direct / proxy run)" % (
+                   _fmt(proxy["loadgen_cpu_s"] / proxy["duration_s"] if proxy["duration_s"] else None, 2),
+                   _fmt(u["cpu_ms_per_request"]),
+                   _fmt(direct["loadgen_cpu_s"] / direct["duration_s"] if direct["duration_s"] else None, 2),
+                   _fmt(direct["other_cpu_cores"], 2), _fmt(proxy["other_cpu_cores"], 2)))
+    noisy = max(direct["other_cpu_cores"] or 0, proxy["other_cpu_cores"] or 0)
+    if noisy > 0.25:
+        out.append("  !! other processes used %.2f cores meanwhile: these figures are noisy, run again" % noisy)
     if scenario.stream:
         out.append("  upstream stream duration as the fake saw it: %s ms via proxy, %s ms direct" % (
                        _fmt(u["stream_ms_avg"]), _fmt(direct["upstream"]["stream_ms_avg"])))
     for side, run in (("direct", direct), ("proxy", proxy)):
+        if run["client_connections_opened"]:
+            out.append("  !! %s: the client had to reconnect %d times while measuring (keep-alive broken?)" % (
+                side, run["client_connections_opened"]))
         if run["errors"]:
             out.append("  !! %s errors: %s (warm-up: %s)" % (side, run["error_kinds"], run["warmup"]["error_kinds"]))
             for sample in (run["error_samples"] + run["warmup"]["error_samples"])[:5]:
@@ -1318,9 +1353,26 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def proxy_environment(fake_port: int, extra: List[str]) -> Dict[str, str]:
+def proxy_setting_names(proxy: str) -> List[str]:
+    """The environment variables the proxy reads, from its own --check table (first column),
+    so settings added later are stripped too; the static list if that fails."""
+    names = set(PROXY_SETTINGS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(STRIPPED_PREFIXES)}
+    try:
+        out = subprocess.run([sys.executable, proxy, "--check", "--env-file", os.devnull], env=env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=30, check=False).stdout.decode("utf-8", "replace")
+        names.update(line.split()[0] for line in out.splitlines()
+                     if line.split() and re.match(r"^[A-Z][A-Z0-9_]+$", line.split()[0]))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return sorted(names)
+
+
+def proxy_environment(proxy: str, fake_port: int, extra: List[str]) -> Dict[str, str]:
     """Our environment without a developer's real keys or proxy settings, pointed at the fake."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(STRIPPED_PREFIXES) and k not in PROXY_SETTINGS}
+    settings = proxy_setting_names(proxy)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(STRIPPED_PREFIXES) and k not in settings}
     env.update(OPENAI_BASE_URL="http://%s:%d/v1" % (LOOPBACK, fake_port), OPENAI_API_KEY="dummy",
                LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
     for item in extra:
@@ -1374,7 +1426,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         proxy_cmd = [sys.executable, args.proxy, "--host", LOOPBACK, "--port", "0", "--env-file", os.devnull]
         t0 = time.monotonic()
         proxy, proxy_port, proxy_log = children.start(
-            "proxy", proxy_cmd, proxy_environment(fake_port, args.env), os.path.dirname(os.path.abspath(args.proxy)))
+            "proxy", proxy_cmd, proxy_environment(args.proxy, fake_port, args.env), os.path.dirname(os.path.abspath(args.proxy)))
         startup_s = time.monotonic() - t0
         time.sleep(0.3)
         rss_idle = proc_mem_mb(proxy.pid)
