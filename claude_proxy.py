@@ -276,12 +276,10 @@ class ProxyError(Exception):
 
 
 def json_bytes(value: Any) -> bytes:
-    """Compact UTF-8 JSON. A lone surrogate (a string the client cut mid-emoji) has no UTF-8
-    form: then the text goes out with \\uXXXX escapes, as it came in."""
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":")).encode("ascii")
+    """Compact JSON as ASCII bytes: non-ASCII text goes out as \\uXXXX escapes. That is about
+    twice as fast as UTF-8 output for a large body, and a lone surrogate (a string the client
+    cut mid-emoji, which has no UTF-8 form) goes back out as the escape it came in as."""
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 def error_body(error_type: str, message: str) -> Dict[str, Any]:
@@ -1869,7 +1867,7 @@ class UpstreamPool:
     """http.client connections to one upstream, kept alive and reused across requests."""
 
     def __init__(self, base_url: str, connect_timeout: float, read_timeout: float,
-                 max_idle: int = 32, proxies: Optional[Dict[str, str]] = None) -> None:
+                 max_idle: int = 128, proxies: Optional[Dict[str, str]] = None) -> None:
         url = urllib.parse.urlsplit(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("OPENAI_BASE_URL must be an http:// or https:// URL, got %r" % base_url)
@@ -1951,9 +1949,11 @@ class UpstreamPool:
         for conn, _ in idle:
             conn.close()
 
-    def post(self, path: str, body: bytes, headers: Dict[str, str]
+    def post(self, path: str, body: bytes, headers: Dict[str, str],
+             while_waiting: Optional[Callable[[], None]] = None
              ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send a POST and read the status line and headers. Raises ProxyError."""
+        """Send a POST and read the status line and headers. Raises ProxyError.
+        `while_waiting` runs once the request is sent, while the upstream works on it."""
         target = self.url_path(path)
         for attempt in (1, 2):
             conn = None
@@ -1961,6 +1961,9 @@ class UpstreamPool:
             try:
                 conn, reused = self._acquire(fresh=attempt == 2)
                 conn.request("POST", target, body=body, headers=headers)
+                if while_waiting is not None:
+                    while_waiting()
+                    while_waiting = None
                 return conn, conn.getresponse()
             except STALE_CONNECTION_ERRORS as exc:
                 if conn is not None:
@@ -2419,11 +2422,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             ctx = ResponseContext(
                 model=request["model"], message_id=new_id("msg_"),
                 stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),
-                input_tokens=estimate_tokens(request) if stream else 0,
                 history_tool_ids=history_tool_ids(request["messages"]))
         self.log_note = "%s -> %s%s" % (request["model"], model, " stream" if stream else "")
         self.anthropic_request = request
-        conn, response = self._post_upstream(openai_request)
+        estimate: List[int] = []
+        # message_start carries an input estimate: made while the upstream reads the request.
+        conn, response = self._post_upstream(
+            openai_request, (lambda: estimate.append(estimate_tokens(request))) if stream else None)
+        if stream:
+            ctx = dataclasses.replace(ctx, input_tokens=estimate[0] if estimate else estimate_tokens(request))
         try:
             is_sse = "text/event-stream" in (response.getheader("Content-Type") or "")
             if stream:
@@ -2448,7 +2455,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.upstream_released:
                 conn.close()
 
-    def _post_upstream(self, openai_request: Dict[str, Any]
+    def _post_upstream(self, openai_request: Dict[str, Any], while_waiting: Optional[Callable[[], None]] = None
                        ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """POST the request; an answer other than 200 becomes a ProxyError. When the upstream
         answers 400 naming a parameter or a limit the model cannot take, the request is fixed
@@ -2459,7 +2466,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("upstream request: %s", json.dumps(openai_request)[:4000])
             conn, response = server.pool.post(server.chat_path, json_bytes(openai_request),
-                                              server.upstream_headers)
+                                              server.upstream_headers, while_waiting)
+            while_waiting = None
             if response.status == 200:
                 self.upstream_released = False
                 return conn, response

@@ -741,7 +741,7 @@ def test_message_to_events_and_assemble_round_trip():
 
 def test_encode_sse():
     assert cp.encode_sse({"type": "ping"}) == b'event: ping\ndata: {"type":"ping"}\n\n'
-    assert cp.encode_sse({"type": "x", "t": "é"}) == 'event: x\ndata: {"type":"x","t":"é"}\n\n'.encode()
+    assert cp.encode_sse({"type": "x", "t": "é\ud83d"}) == b'event: x\ndata: {"type":"x","t":"\\u00e9\\ud83d"}\n\n'
 
 
 def test_iter_sse_data_follows_the_spec():
