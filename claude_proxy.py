@@ -2050,6 +2050,10 @@ class ClientGone(Exception):
     """The client closed its connection while we were writing to it."""
 
 
+def _http_chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload) if payload else b""
+
+
 class SSEWriter:
     """Writes events to the client as HTTP chunks; shared with the heartbeat under a lock."""
 
@@ -2062,7 +2066,7 @@ class SSEWriter:
 
     def _write(self, payload: bytes) -> None:
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload))
+            self.wfile.write(_http_chunk(payload))
         except OSError:
             self.closed = True
             self.on_client_gone()
@@ -2083,9 +2087,8 @@ class SSEWriter:
             if self.closed:
                 raise ClientGone()
             self.closed = True
-            payload = b"".join(encode_sse(e) for e in events)
             try:
-                self.wfile.write((b"%x\r\n%s\r\n" % (len(payload), payload) if payload else b"") + b"0\r\n\r\n")
+                self.wfile.write(_http_chunk(b"".join(encode_sse(e) for e in events)) + b"0\r\n\r\n")
             except OSError:
                 raise ClientGone() from None
 
@@ -2131,6 +2134,9 @@ class Heartbeat:
         while True:
             time.sleep(tick)
             with self.lock:
+                if not self.streams:
+                    self.thread = None           # the next stream starts a new one
+                    return
                 streams = list(self.streams)
             now = time.monotonic()
             for writer in streams:

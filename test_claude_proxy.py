@@ -4,6 +4,7 @@ end to end against a scripted fake OpenAI upstream on 127.0.0.1 (port 0)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import http.server
@@ -1262,23 +1263,46 @@ def json_reply(payload, status=200, headers=None):
     return respond
 
 
+def begin_sse(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+
+
+def send_parts(handler, parts, before_each=None):
+    """Each part as one HTTP chunk; `before_each(i)` runs before part i is written."""
+    for i, part in enumerate(parts):
+        if before_each:
+            before_each(i)
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+
+
+def sse_data(chunk_dict):
+    return b"data: " + cp.json_bytes(chunk_dict) + b"\n\n"
+
+
+def note_when_proxy_closes(handler, event):
+    """Set `event` once the proxy closes this upstream connection."""
+    handler.connection.settimeout(10)
+    try:
+        if handler.connection.recv(1) == b"":
+            event.set()
+    except OSError:
+        event.set()
+
+
 def sse_reply(chunks, done=True, pieces=None, before_each=None):
     """An SSE answer with chunked transfer encoding, one HTTP chunk per event. `pieces`: raw
     byte pieces instead (to split a UTF-8 character across writes). `before_each(i)` runs
     before event i is written (to hold the stream at a point)."""
     def respond(handler, body):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
-        parts = pieces if pieces is not None else [b"data: " + cp.json_bytes(c) + b"\n\n" for c in chunks]
+        begin_sse(handler)
+        parts = pieces if pieces is not None else [sse_data(c) for c in chunks]
         if done and pieces is None:
             parts = parts + [b"data: [DONE]\n\n"]
         try:
-            for i, part in enumerate(parts):
-                if before_each:
-                    before_each(i)
-                handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            send_parts(handler, parts, before_each)
             handler.wfile.write(b"0\r\n\r\n")
         except OSError:
             handler.close_connection = True
@@ -1310,13 +1334,25 @@ def start_proxy(upstream_url, **settings):
     return server
 
 
-@pytest.fixture
-def proxy(upstream):
-    server = start_proxy(upstream.url)
-    yield server
+def stop_proxy(server):
     server.shutdown()
     server.server_close()
     server.pool.close()
+
+
+@contextlib.contextmanager
+def running_proxy(upstream_url, **settings):
+    server = start_proxy(upstream_url, **settings)
+    try:
+        yield server
+    finally:
+        stop_proxy(server)
+
+
+@pytest.fixture
+def proxy(upstream):
+    with running_proxy(upstream.url) as server:
+        yield server
 
 
 class Client:
@@ -1516,8 +1552,7 @@ def test_e2e_upstream_unreachable_is_502(upstream):
         status, _, payload = Client(server).json("POST", "/v1/messages", req())
         assert status == 502 and payload["error"]["type"] == "api_error" and "unreachable" in payload["error"]["message"]
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
 
 
 def test_e2e_upstream_timeout_is_504(upstream):
@@ -1534,8 +1569,7 @@ def test_e2e_upstream_timeout_is_504(upstream):
         assert status == 504 and payload["error"]["type"] == "timeout_error"
     finally:
         release.set()
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
 
 
 def test_e2e_keep_alive_reuses_upstream_connections(upstream, proxy):
@@ -1574,8 +1608,7 @@ def test_e2e_ping_while_upstream_is_silent(upstream):
         assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "late"}]
     finally:
         pinged.set()
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
 
 
 def test_e2e_client_going_away_closes_the_upstream_request(upstream):
@@ -1588,15 +1621,9 @@ def test_e2e_client_going_away_closes_the_upstream_request(upstream):
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
-        part = b"data: " + json.dumps(chunk({"content": "x"})).encode() + b"\n\n"
-        handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+        send_parts(handler, [sse_data(chunk({"content": "x"}))])
         client_left.wait(10)
-        handler.connection.settimeout(10)
-        try:
-            if handler.connection.recv(1) == b"":
-                upstream_saw_close.set()
-        except OSError:
-            upstream_saw_close.set()
+        note_when_proxy_closes(handler, upstream_saw_close)
         handler.close_connection = True
 
     upstream.script.append(respond)
@@ -1613,8 +1640,7 @@ def test_e2e_client_going_away_closes_the_upstream_request(upstream):
         assert upstream_saw_close.wait(10), "upstream connection stayed open after the client left"
     finally:
         client_left.set()
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
 
 
 def test_e2e_negotiation_fixes_once_and_remembers_for_the_model(upstream, proxy, caplog):
@@ -1654,8 +1680,7 @@ def test_e2e_azure_deployment_url_api_version_and_api_key(upstream):
         assert sent["path"] == "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21"
         assert sent["headers"]["api-key"] == "azure-key-789" and "Authorization" not in sent["headers"]
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
 
 
 def test_e2e_pdf_refused_before_reaching_an_upstream_that_cannot_read_it(upstream):
@@ -1666,8 +1691,7 @@ def test_e2e_pdf_refused_before_reaching_an_upstream_that_cannot_read_it(upstrea
         assert status == 400 and "does not take PDF documents" in payload["error"]["message"]
         assert upstream.requests == []
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
 
 
 def test_e2e_lone_surrogate_in_the_history_and_in_the_answer(upstream, proxy):
@@ -1733,18 +1757,9 @@ def test_e2e_upstream_holding_its_body_open_after_done_loses_the_connection(upst
     released, closed = threading.Event(), threading.Event()
 
     def done_then_hold(handler, body):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
-        for part in [b"data: " + json.dumps(chunk({"content": "hi"}, "stop")).encode() + b"\n\n", b"data: [DONE]\n\n"]:
-            handler.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
-        handler.connection.settimeout(10)
-        try:
-            if handler.connection.recv(1) == b"":
-                closed.set()
-        except OSError:
-            closed.set()
+        begin_sse(handler)
+        send_parts(handler, [sse_data(chunk({"content": "hi"}, "stop")), b"data: [DONE]\n\n"])
+        note_when_proxy_closes(handler, closed)
         released.wait(10)
         handler.close_connection = True
 
@@ -1802,8 +1817,7 @@ def test_e2e_either_auth_header_may_carry_the_key(upstream):
         status = Client(server).json("POST", "/v1/messages", req(), {"x-api-key": "x", "Authorization": "Bearer client-key-456"})[0]
         assert status == 200
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
 
 
 def test_e2e_auth_required_when_configured(upstream):
@@ -1820,8 +1834,7 @@ def test_e2e_auth_required_when_configured(upstream):
         assert client.json("HEAD", "/")[0] == 200
         assert len(upstream.requests) == 2
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
 
 
 @pytest.mark.parametrize("method,path,status", [
@@ -1890,8 +1903,7 @@ def test_e2e_secrets_never_logged(upstream, caplog):
         assert status == 401 and "sk-upstream-secret-123" not in payload["error"]["message"]
         client.json("POST", "/v1/messages", req(), {"Authorization": "Bearer client-key-456x"})
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_proxy(server)
     assert caplog.records and "POST /v1/messages 401" in caplog.text
     assert "sk-upstream-secret-123" not in caplog.text and "client-key-456" not in caplog.text
 
