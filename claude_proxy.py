@@ -97,6 +97,9 @@ class Settings:
         "lmstudio, generic")
     azure_api_version: str = _setting(
         "2024-10-21", "AZURE_API_VERSION", "api-version for Azure OpenAI deployment URLs")
+    pin_cpu: int = _setting(
+        -1, "PIN_CPU", "run the proxy on this one CPU (Linux; -1: any). One Python process uses one "
+        "core at a time; pinned, its threads stop contending across cores under concurrent load")
     reasoning_replay: str = _setting(
         "auto", "REASONING_REPLAY", "assistant field that carries earlier reasoning back upstream: "
         "auto (DeepSeek: reasoning_content), off, reasoning_content or reasoning")
@@ -2661,6 +2664,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         print(describe_settings(settings))
         return 0
+    if settings.pin_cpu >= 0:
+        try:
+            os.sched_setaffinity(0, {settings.pin_cpu})
+        except (AttributeError, OSError, ValueError) as exc:
+            print("claude-code-proxy: PIN_CPU=%d not applied: %s" % (settings.pin_cpu, exc), file=sys.stderr)
     try:
         server = ProxyServer(settings)
     except (ValueError, OSError) as exc:

@@ -1911,7 +1911,8 @@ def test_e2e_secrets_never_logged(upstream, caplog):
 def test_command_line_starts_the_server_and_serves(upstream, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
     (tmp_path / ".env").write_text("OPENAI_BASE_URL=%s\nOPENAI_API_KEY=from-dotenv-key\nBIG_MODEL=dot-big\n" % upstream.url)
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--port", "0"],
+    pin = ["--pin-cpu", str(min(os.sched_getaffinity(0)))] if hasattr(os, "sched_getaffinity") else []
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--port", "0"] + pin,
                                cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         banner = process.stdout.readline().decode()
@@ -1923,6 +1924,8 @@ def test_command_line_starts_the_server_and_serves(upstream, tmp_path):
         assert json.loads(conn.getresponse().read())["content"][0]["text"] == "from the CLI"
         assert upstream.requests[0]["body"]["model"] == "dot-big"
         assert upstream.requests[0]["headers"]["Authorization"] == "Bearer from-dotenv-key"
+        if pin:
+            assert os.sched_getaffinity(process.pid) == {int(pin[1])}
     finally:
         process.terminate()
         process.wait(10)
