@@ -767,6 +767,15 @@ def to_openai(request: Dict[str, Any], settings: Settings,
         elif REASONING_EFFORT_MODELS.search(model):
             body["reasoning_effort"] = effort
 
+    config = request.get("output_config") if isinstance(request.get("output_config"), dict) else {}
+    output_format = config.get("format") or request.get("output_format")
+    if isinstance(output_format, dict) and output_format.get("type") == "json_schema" \
+            and isinstance(output_format.get("schema"), dict):
+        # Structured output (Claude Code asks for its session titles this way).
+        schema = output_format["schema"]
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": clean_schema(schema) if dialect.clean_schemas else schema}}
+
     tools = []
     for tool in request.get("tools") or ():
         if tool.get("type") not in (None, "custom") or not tool.get("name"):
@@ -911,9 +920,9 @@ NO_FIXES = ModelFixes()
 OPENAI_REASONING_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5(?!-chat))", re.I)
 # Parameters a model may reject that the request can do without.
 DROPPABLE_PARAMETERS = ("temperature", "top_p", "stop", "stream_options", "parallel_tool_calls",
-                        "reasoning_effort", "reasoning", "tool_choice")
+                        "reasoning_effort", "reasoning", "tool_choice", "response_format")
 REJECTION_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "not permitted",
-                   "extra inputs", "not allowed", "does not support", "invalid")
+                   "extra inputs", "not allowed", "does not support", "invalid", "unavailable")
 # (pattern, how to get the limit from its groups)
 OUTPUT_LIMIT_PATTERNS = (
     (re.compile(r"supports at most (\d+) completion tokens"), lambda g: int(g[0])),            # OpenAI
@@ -948,7 +957,11 @@ def apply_fixes(body: Dict[str, Any], fixes: ModelFixes) -> Dict[str, Any]:
 
 
 def _names_parameter(message: str, name: str) -> bool:
-    return re.search(r"(['\"`\[]|supplied: |parameter: |argument: |\bbody\W+)%s\b" % re.escape(name), message) is not None
+    """Does the message name the parameter? A name with an underscore cannot be an ordinary
+    word; "stop", "temperature" and "reasoning" count only quoted or after a label."""
+    if "_" in name:
+        return re.search(r"\b%s\b" % name, message) is not None
+    return re.search(r"(['\"`\[]|supplied: |parameter: |argument: |\bbody\W+)%s\b" % name, message) is not None
 
 
 def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Optional[ModelFixes]:

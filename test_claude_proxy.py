@@ -353,6 +353,10 @@ REQUEST_CASES = [
         output_config={"effort": "high"}, context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
         service_tier="auto", container="c", max_tokens=128000),
      out([{"role": "user", "content": "hi"}], max_tokens=128000)),
+    ("structured output as response_format", req(output_config={"effort": "low", "format": {
+        "type": "json_schema", "schema": {"type": "object", "properties": {"title": {"type": "string"}}}}}),
+     out([{"role": "user", "content": "hi"}], response_format={"type": "json_schema", "json_schema": {
+         "name": "output", "schema": {"type": "object", "properties": {"title": {"type": "string"}}}}})),
     ("plain-text document inlined, PDF as a file part", req(messages=[{"role": "user", "content": [
         {"type": "document", "title": "notes", "source": {"type": "text", "media_type": "text/plain", "data": "abc"}},
         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}]),
@@ -1011,6 +1015,8 @@ NEGOTIATION_CASES = [
      cp.ModelFixes(drop=frozenset(["parallel_tool_calls"]))),
     ("ollama reasoning effort", '"reasoning_effort" is not supported for this model', None,
      cp.ModelFixes(drop=frozenset(["reasoning_effort"]))),
+    ("deepseek response_format", "This response_format type is unavailable now", None,
+     cp.ModelFixes(drop=frozenset(["response_format"]))),
     ("input alone too long: nothing to fix", "This model's maximum context length is 32768 tokens and your request "
      "has 40000 input tokens", None, None),
     ("unrelated 400", "Invalid 'messages[2].tool_calls': empty array.", None, None),
@@ -1020,7 +1026,8 @@ NEGOTIATION_CASES = [
 @pytest.mark.parametrize("name,message,param,fix", NEGOTIATION_CASES, ids=[c[0] for c in NEGOTIATION_CASES])
 def test_fix_from_error(name, message, param, fix):
     body = {"model": "m", "messages": [], "max_tokens": 64000, "temperature": 0.2, "stream": True,
-            "stream_options": {"include_usage": True}, "parallel_tool_calls": False, "reasoning_effort": "high"}
+            "stream_options": {"include_usage": True}, "parallel_tool_calls": False, "reasoning_effort": "high",
+            "response_format": {"type": "json_schema"}}
     assert cp.fix_from_error(body, message, param) == fix
 
 
