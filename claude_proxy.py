@@ -139,7 +139,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for f in SETTING_FIELDS:
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.metadata["env"],
-            help="%s (default: %r)" % (f.metadata["help"], f.default))
+            help=f.metadata["help"] + ("" if "default" in f.metadata["help"] else " (default: %r)" % f.default))
     parser.add_argument("--env-file", default=".env", help="the .env file to read (default: .env)")
     parser.add_argument("--check", action="store_true",
                         help="print the effective settings (keys masked) and exit")
@@ -182,6 +182,10 @@ def describe_settings(settings: Settings) -> str:
         value = getattr(settings, f.name)
         if f.name.endswith("api_key"):
             value = ("set (%d characters)" % len(value)) if value else "not set"
+        elif f.name == "middle_model" and not value:
+            value = "%s (BIG_MODEL)" % settings.big_model
+        elif f.name == "provider" and value == "auto":
+            value = "auto: %s" % resolve_dialect(settings, "").name
         lines.append("%-18s %s" % (f.metadata["env"], value))
     return "\n".join(lines)
 
@@ -222,13 +226,14 @@ DIALECTS = {d.name: d for d in (
     Dialect("generic"),
 )}
 
-# (substring of the base URL's host:port, dialect), first match wins
+# (substring of the base URL's host name, dialect), first match wins; then default ports
 PROVIDER_HOSTS = (
     (".openai.azure.com", "azure"), (".cognitiveservices.azure.com", "azure"),
     (".services.ai.azure.com", "azure"), ("generativelanguage.googleapis.com", "gemini"),
     ("api.deepseek.com", "deepseek"), ("openrouter.ai", "openrouter"), ("api.mistral.ai", "mistral"),
-    ("api.groq.com", "groq"), ("api.openai.com", "openai"), (":11434", "ollama"), (":1234", "lmstudio"),
+    ("api.groq.com", "groq"), ("api.openai.com", "openai"),
 )
+PROVIDER_PORTS = {11434: "ollama", 1234: "lmstudio"}
 # Mistral's chat templates (mlx-lm, llama.cpp) enforce its 9-character ids on any server.
 MISTRAL_MODELS = re.compile(r"mistral|mixtral|codestral|devstral|magistral|ministral|pixtral", re.I)
 
@@ -238,8 +243,13 @@ def resolve_dialect(settings: Settings, model: str) -> Dialect:
     adjusted by the model name (a Gemini model needs clean schemas wherever it runs)."""
     name = settings.provider.lower()
     if name == "auto":
-        netloc = urllib.parse.urlsplit(settings.openai_base_url).netloc.lower()
-        name = next((d for host, d in PROVIDER_HOSTS if host in netloc), "generic")
+        url = urllib.parse.urlsplit(settings.openai_base_url)
+        hostname = (url.hostname or "").lower()
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        name = next((d for host, d in PROVIDER_HOSTS if host in hostname), PROVIDER_PORTS.get(port, "generic"))
     if name not in DIALECTS:
         raise ValueError("PROVIDER must be auto or one of %s, got %r" % (", ".join(DIALECTS), name))
     dialect = DIALECTS[name]
@@ -1999,6 +2009,20 @@ class UpstreamPool:
         raise AssertionError("unreachable")
 
 
+def describe_request(body: Dict[str, Any]) -> str:
+    """What a debug line shows of an upstream request: every parameter, the roles of the
+    messages, the tool names and the start of the last message (not the whole prompt)."""
+    shown = {k: v for k, v in body.items() if k not in ("messages", "tools")}
+    messages = body.get("messages") or []
+    shown["messages"] = "%d: %s" % (len(messages), " ".join(m.get("role", "?") for m in messages))
+    if body.get("tools"):
+        shown["tools"] = [t["function"]["name"] for t in body["tools"]]
+    if messages:
+        last = messages[-1].get("content")
+        shown["last"] = (last if isinstance(last, str) else json.dumps(last))[:300] if last else None
+    return json.dumps(shown, ensure_ascii=False)
+
+
 def describe_fix(fix: ModelFixes) -> str:
     parts = ["without %s" % name for name in sorted(fix.drop)]
     if fix.completion_tokens_field:
@@ -2213,7 +2237,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         elif key:
             self.upstream_headers["Authorization"] = "Bearer " + key
         self.heartbeat = Heartbeat(settings.ping_interval)
-        self.secrets = tuple(s for s in (settings.openai_api_key, settings.anthropic_api_key) if len(s) >= 4)
+        # Placeholder keys ("ollama", "none", "lm-studio") are ordinary words, not secrets: a
+        # real key is long, and only long strings are masked in messages and logs.
+        self.secrets = tuple(s for s in (settings.openai_api_key, settings.anthropic_api_key) if len(s) >= 12)
         self.log_filter = RedactSecrets(self.secrets)
         log.addFilter(self.log_filter)
         self.dialects: Dict[str, Dialect] = {}
@@ -2391,15 +2417,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _access_log(self, method: str, path: str) -> None:
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %.3fs%s", method, path, self.status,
-                     time.monotonic() - self.started, (" " + self.log_note) if self.log_note else "")
+        failed = (isinstance(self.status, int) and self.status >= 500) or " stream error: " in self.log_note
+        level = logging.WARNING if failed else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s %s %.3fs%s", method, path, self.status,
+                    time.monotonic() - self.started, (" " + self.log_note) if self.log_note else "")
 
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         self.status = code
         super().send_response(code, message)
 
-    def log_message(self, format: str, *args: Any) -> None:  # http.server's own log
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass                                   # the access log line is ours (_access_log)
+
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's own errors
         log.debug("%s - %s", self.address_string(), format % args)
 
     # -- routes -----------------------------------------------------------------------------
@@ -2486,7 +2517,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         model = openai_request["model"]
         for attempt in (1, 2):
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("upstream request: %s", json.dumps(openai_request)[:4000])
+                log.debug("upstream request: %s", describe_request(openai_request))
             conn, response = server.pool.post(server.chat_path, json_bytes(openai_request),
                                               server.upstream_headers, while_waiting)
             while_waiting = None
@@ -2650,6 +2681,7 @@ ROUTES: Dict[Tuple[str, str], Callable[[Handler, bytes], None]] = {
     ("HEAD", "/"): Handler.health,
     ("GET", "/health"): Handler.health,
     ("HEAD", "/health"): Handler.health,
+    ("HEAD", "/api/hello"): Handler.health,     # Claude Code's connectivity probe
     ("POST", "/api/event_logging/batch"): Handler.event_logging,
     ("POST", "/api/event_logging/v2/batch"): Handler.event_logging,
 }
@@ -2674,8 +2706,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        resolve_dialect(settings, "")
+    except ValueError as exc:
+        print("claude-code-proxy: %s" % exc, file=sys.stderr)
+        return 2
     if args.check:
-        print(describe_settings(settings))
+        try:
+            print(describe_settings(settings), flush=True)
+        except BrokenPipeError:
+            pass
         return 0
     if settings.pin_cpu >= 0:
         try:

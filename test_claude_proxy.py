@@ -1113,7 +1113,8 @@ def test_pdf_refused_with_a_clear_400_where_the_provider_cannot_read_it():
     ("https://generativelanguage.googleapis.com/v1beta/openai/", "gemini"), ("https://api.deepseek.com", "deepseek"),
     ("https://openrouter.ai/api/v1", "openrouter"), ("https://api.mistral.ai/v1", "mistral"),
     ("https://api.groq.com/openai/v1", "groq"), ("http://localhost:11434/v1", "ollama"),
-    ("http://localhost:1234/v1", "lmstudio"), ("http://localhost:8000/v1", "generic")])
+    ("http://localhost:1234/v1", "lmstudio"), ("http://localhost:8000/v1", "generic"),
+    ("http://localhost:12345/v1", "generic"), ("http://my-ollama.lan:11434", "ollama")])
 def test_provider_detected_from_the_base_url(url, provider):
     assert cp.resolve_dialect(cp.Settings(openai_base_url=url), "m").name == provider
     assert cp.resolve_dialect(cp.Settings(openai_base_url=url, provider="vllm"), "m").name == "vllm"
@@ -1847,7 +1848,7 @@ def test_e2e_auth_required_when_configured(upstream):
 @pytest.mark.parametrize("method,path,status", [
     ("HEAD", "/", 200), ("GET", "/", 200), ("GET", "/health", 200), ("HEAD", "/health", 200),
     ("GET", "/v1/messages", 404), ("POST", "/v1/complete", 404), ("GET", "/nope", 404),
-    ("DELETE", "/v1/messages", 404), ("POST", "/api/event_logging/batch", 200),
+    ("DELETE", "/v1/messages", 404), ("POST", "/api/event_logging/batch", 200), ("HEAD", "/api/hello", 200),
 ])
 def test_e2e_routes(proxy, method, path, status):
     client = Client(proxy)
@@ -1900,6 +1901,25 @@ def test_e2e_bad_input_is_400_and_server_keeps_serving(proxy, upstream, body, me
     assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] in ("fine", "still here")
 
 
+def test_e2e_placeholder_keys_are_not_masked_as_secrets(upstream):
+    with running_proxy(upstream.url, openai_api_key="ollama") as server:
+        upstream.script.append(json_reply({"error": {"message": "model 'x' not found, try pulling it first: ollama pull x"}}, 404))
+        payload = Client(server).json("POST", "/v1/messages", req())[2]
+        assert payload["error"]["message"].endswith("ollama pull x")
+
+
+def test_e2e_debug_log_shows_a_request_summary_and_failures_warn(upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    with running_proxy(upstream.url) as server:
+        upstream.script.extend([json_text("ok"), sse_reply([chunk({"content": "cut"})], done=False)])
+        Client(server).json("POST", "/v1/messages", req(tools=[TOOL], system="sys"))
+        Client(server).stream(req())
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upstream request: ")][0]
+    assert '"messages": "2: system user"' in summary and '"tools": ["Bash"]' in summary and '"last": "hi"' in summary
+    failed = [r for r in caplog.records if "stream error" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.WARNING]
+
+
 def test_e2e_secrets_never_logged(upstream, caplog):
     server = start_proxy(upstream.url, anthropic_api_key="client-key-456", log_level="DEBUG")
     caplog.set_level(logging.DEBUG, logger="claude_proxy")
@@ -1937,6 +1957,17 @@ def test_command_line_starts_the_server_and_serves(upstream, tmp_path):
         process.terminate()
         process.wait(10)
         process.stdout.close()
+
+
+def test_command_line_check_shows_effective_values_and_rejects_a_bad_provider(tmp_path):
+    proxy_py = os.path.join(HERE, "claude_proxy.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "PROVIDER", "BIG_", "MIDDLE_"))}
+    result = subprocess.run([sys.executable, proxy_py, "--check", "--big-model", "gpt-5"], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    assert b"MIDDLE_MODEL       gpt-5 (BIG_MODEL)" in result.stdout and b"PROVIDER           auto: openai" in result.stdout
+    bad = subprocess.run([sys.executable, proxy_py, "--check", "--provider", "foo"], cwd=str(tmp_path), env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    assert bad.returncode == 2 and b"PROVIDER must be auto or one of" in bad.stdout
 
 
 def test_command_line_check_masks_keys(tmp_path):
