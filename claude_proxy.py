@@ -255,7 +255,7 @@ def resolve_dialect(settings: Settings, model: str) -> Dialect:
     dialect = DIALECTS[name]
     lower = model.lower()
     if "gemini" in lower and not dialect.clean_schemas and name != "openrouter":
-        dialect = dataclasses.replace(dialect, clean_schemas=True)
+        dialect = dataclasses.replace(dialect, clean_schemas=True, thought_signatures=True)
     if MISTRAL_MODELS.search(lower) and name in ("generic", "vllm", "llamacpp", "lmstudio", "ollama"):
         dialect = dataclasses.replace(dialect, short_tool_ids=True)
     replay = settings.reasoning_replay.lower()
@@ -397,7 +397,9 @@ IMAGE_IN_NEXT_MESSAGE = "[image attached in the next message]"
 def thinking_signature(thinking: str) -> str:
     """The signature of a thinking block this proxy made: it marks the block as ours and binds
     it to its text, so the reasoning can be replayed upstream when the client sends it back."""
-    return THINKING_SIGNATURE_PREFIX + hashlib.sha256(thinking.encode("utf-8")).hexdigest()[:32]
+    # A stream may cut a surrogate pair between chunks: pair them up again, as the client does.
+    paired = thinking.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return THINKING_SIGNATURE_PREFIX + hashlib.sha256(paired.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def is_proxy_signature(signature: Any, thinking: Any) -> bool:
@@ -427,7 +429,7 @@ def wrong_types_are_400() -> Iterator[None]:
     client's mistake: a 400, never a 500 the client would retry."""
     try:
         yield
-    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as exc:
         raise _invalid("a field of the request has an unexpected type or value (%s)" % exc.__class__.__name__) from None
 
 
@@ -867,24 +869,32 @@ GEMINI_FORMATS = ("enum", "date-time")
 SCHEMA_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
-def clean_schema(schema: Any, definitions: Optional[Dict[str, Any]] = None, depth: int = 0) -> Any:
+def clean_schema(schema: Any, definitions: Optional[Dict[str, Any]] = None, depth: int = 0,
+                 expanding: FrozenSet[str] = frozenset()) -> Any:
     """A copy of a JSON schema that Gemini accepts: unknown keywords dropped, `const` as a
-    one-value `enum`, `$ref` inlined, `type: [x, "null"]` as `type: x` + `nullable`."""
-    if not isinstance(schema, dict) or depth > 32:
+    one-value `enum`, `$ref` inlined, `type: [x, "null"]` as `type: x` + `nullable`. A `$ref`
+    that refers back to a schema being inlined (a tree) becomes a plain object there."""
+    if not isinstance(schema, dict):
         return schema
+    if depth > 32:
+        return {"type": "object"}
     if definitions is None:
         definitions = dict(schema.get("definitions") or {}, **(schema.get("$defs") or {}))
     if isinstance(schema.get("$ref"), str):
-        target = definitions.get(schema["$ref"].rsplit("/", 1)[-1])
-        merged = dict(target) if isinstance(target, dict) else {"type": "object"}
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        target = definitions.get(name)
+        if name in expanding or not isinstance(target, dict):
+            return {"type": "object"}
+        merged = dict(target)
         merged.update((k, v) for k, v in schema.items() if k != "$ref")
-        return clean_schema(merged, definitions, depth + 1)
+        return clean_schema(merged, definitions, depth + 1, expanding | {name})
     cleaned: Dict[str, Any] = {}
     for key, value in schema.items():
         if key in GEMINI_DROPPED_KEYWORDS or key == "$ref":
             continue
         if key == "const":
-            cleaned["enum"] = [value]
+            if isinstance(value, str):           # Gemini takes enum for strings only
+                cleaned["enum"] = [value]
         elif key == "format":
             if value in GEMINI_FORMATS:
                 cleaned[key] = value
@@ -894,11 +904,12 @@ def clean_schema(schema: Any, definitions: Optional[Dict[str, Any]] = None, dept
             if len(types) < len(value):
                 cleaned["nullable"] = True
         elif key == "properties" and isinstance(value, dict):
-            cleaned[key] = {name: clean_schema(sub, definitions, depth + 1) for name, sub in value.items()}
+            cleaned[key] = {name: clean_schema(sub, definitions, depth + 1, expanding) for name, sub in value.items()}
         elif key == "items":
-            cleaned[key] = clean_schema(value, definitions, depth + 1)
+            cleaned[key] = clean_schema(value, definitions, depth + 1, expanding)
         elif key in SCHEMA_LIST_KEYWORDS and isinstance(value, list):
-            cleaned["anyOf" if key == "oneOf" else key] = [clean_schema(v, definitions, depth + 1) for v in value]
+            cleaned["anyOf" if key == "oneOf" else key] = [
+                clean_schema(v, definitions, depth + 1, expanding) for v in value]
         else:
             cleaned[key] = value
     if isinstance(cleaned.get("required"), list) and isinstance(cleaned.get("properties"), dict):
@@ -933,16 +944,18 @@ DROPPABLE_PARAMETERS = ("temperature", "top_p", "stop", "stream_options", "paral
                         "reasoning_effort", "reasoning", "tool_choice", "response_format")
 REJECTION_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "not permitted",
                    "extra inputs", "not allowed", "does not support", "invalid", "unavailable")
-# (pattern, how to get the limit from its groups)
+# (pattern, how to get the limit from its groups, whether the limit is the model's own). A
+# limit derived from the context window minus this request's input holds for this request
+# only: it is used for the retry and never remembered.
 OUTPUT_LIMIT_PATTERNS = (
-    (re.compile(r"supports at most (\d+) completion tokens"), lambda g: int(g[0])),            # OpenAI
-    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d+)\]"), lambda g: int(g[0])),        # DeepSeek
-    (re.compile(r"max_tokens`? must be less than or equal to `?(\d+)"), lambda g: int(g[0])),  # Groq
+    (re.compile(r"supports at most (\d+) completion tokens"), lambda g: int(g[0]), True),      # OpenAI
+    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d+)\]"), lambda g: int(g[0]), True),  # DeepSeek
+    (re.compile(r"max_tokens`? must be less than or equal to `?(\d+)"), lambda g: int(g[0]), True),  # Groq
+    (re.compile(r"max_tokens\W*:?\s*\d+ > (\d+), which is the maximum allowed"), lambda g: int(g[0]), True),
     (re.compile(r"maximum context length is (\d+) tokens and your request has (\d+) input"),  # vLLM
-     lambda g: int(g[0]) - int(g[1])),
+     lambda g: int(g[0]) - int(g[1]), False),
     (re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
-                r"\((\d+) in the messages"), lambda g: int(g[0]) - int(g[1])),
-    (re.compile(r"> (\d+), which is the maximum allowed"), lambda g: int(g[0])),
+                r"\((\d+) in the messages"), lambda g: int(g[0]) - int(g[1]), False),
 )
 
 
@@ -974,23 +987,27 @@ def _names_parameter(message: str, name: str) -> bool:
     return re.search(r"(['\"`\[]|supplied: |parameter: |argument: |\bbody\W+)%s\b" % name, message) is not None
 
 
-def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Optional[ModelFixes]:
-    """The fix an upstream 400 asks for, or None if it names no parameter or limit we can fix."""
+def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Tuple[Optional[ModelFixes], bool]:
+    """(the fix an upstream 400 asks for, whether it holds for the model beyond this request),
+    or (None, False) if the error names no parameter or limit we can fix."""
     lower = message.lower()
     current = body.get("max_tokens") or body.get("max_completion_tokens")
     if isinstance(current, int):
-        for pattern, limit_of in OUTPUT_LIMIT_PATTERNS:
+        for pattern, limit_of, model_wide in OUTPUT_LIMIT_PATTERNS:
             match = pattern.search(message)
             if match:
                 limit = limit_of(match.groups())
-                return ModelFixes(max_output=limit) if 0 < limit < current else None
-    if "max_tokens" in body and "max_completion_tokens" in message and any(w in lower for w in REJECTION_WORDS):
-        return ModelFixes(completion_tokens_field=True)
-    if any(w in lower for w in REJECTION_WORDS):
-        for name in DROPPABLE_PARAMETERS:
-            if name in body and (param == name or _names_parameter(message, name)):
-                return ModelFixes(drop=frozenset((name,)))
-    return None
+                return (ModelFixes(max_output=limit), model_wide) if 0 < limit < current else (None, False)
+    if not any(w in lower for w in REJECTION_WORDS):
+        return None, False
+    if "max_tokens" in body and "max_completion_tokens" in message and param in (None, "max_tokens"):
+        return ModelFixes(completion_tokens_field=True), True
+    for name in DROPPABLE_PARAMETERS:
+        # OpenAI names the parameter in `param`: trusted alone, since its message may quote a
+        # tool property ("In context=('properties', 'temperature')") that is no parameter.
+        if name in body and (param == name if param else _names_parameter(message, name)):
+            return ModelFixes(drop=frozenset((name,))), True
+    return None, False
 
 
 # =============================================================================================
@@ -1144,7 +1161,7 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
         choice.get("finish_reason"), bool(calls), text, ctx.stop_sequences, choice.get("stop_reason"))
     if stop_sequence and text.endswith(stop_sequence):
         text = text[:-len(stop_sequence)]
-    if text:
+    if text.strip():                         # whitespace alone makes no block, as in a stream
         content.append({"type": "text", "text": text})
     refusal = message.get("refusal")
     if isinstance(refusal, str) and refusal:
@@ -1174,8 +1191,11 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
 # =============================================================================================
 
 
+_JSON_STRUCTURE = re.compile(r'[{}\[\]"\\]')
+
+
 class _ToolCall:
-    __slots__ = ("id", "key", "name", "block", "pending", "arguments", "sent", "closed")
+    __slots__ = ("id", "key", "name", "block", "pending", "arguments", "sent", "closed", "scan")
 
     def __init__(self, call_id: str, key: str, name: str) -> None:
         self.id = call_id                   # the id the client sees
@@ -1186,13 +1206,41 @@ class _ToolCall:
         self.arguments: List[str] = []      # every fragment, to tell when the JSON is complete
         self.sent = False                   # a non-empty fragment went out
         self.closed = False
+        # fragments scanned, bracket depth, inside a string, escape pending, a bracket seen
+        self.scan = (0, 0, False, False, False)
 
-
-def _complete_json(fragments: List[str]) -> bool:
-    try:
-        json.loads("".join(fragments))
-        return True
-    except ValueError:
+    def complete(self) -> bool:
+        """Do the arguments so far form a complete JSON value? Each fragment is scanned once
+        (brackets outside strings), so asking after every fragment stays linear."""
+        scanned, depth, in_string, escaped, started = self.scan
+        for fragment in self.arguments[scanned:]:
+            i = 1 if escaped else 0
+            escaped = False
+            while True:
+                match = _JSON_STRUCTURE.search(fragment, i)
+                if match is None:
+                    break
+                char, i = match.group(), match.end()
+                if in_string:
+                    if char == "\\":
+                        if i >= len(fragment):
+                            escaped = True
+                        i += 1
+                    elif char == '"':
+                        in_string = False
+                elif char == '"':
+                    in_string = True
+                elif char in "{[":
+                    depth, started = depth + 1, True
+                elif char in "}]":
+                    depth -= 1
+        self.scan = (len(self.arguments), depth, in_string, escaped, started)
+        if started and depth <= 0 and not in_string:
+            try:
+                json.loads("".join(self.arguments))
+                return True
+            except ValueError:
+                return False
         return False
 
 
@@ -1366,7 +1414,16 @@ class StreamTranslator:
         self.open = None
 
     def _tool_incomplete(self) -> bool:
-        return self.open == "tool" and not _complete_json(self.current.arguments)
+        return self.open == "tool" and not self.current.complete()
+
+    def _release_held(self, events: List[Dict[str, Any]]) -> None:
+        """Content held back as a possible <think> tag is text after all, since another block
+        opens: it goes first (whitespace alone makes no block, as in the non-stream answer)."""
+        if self.think_tags == "start" and self.held:
+            held, self.held = self.held, ""
+            self.think_tags = "done"
+            if held.strip():
+                self._text(held, events)
 
     def _flush_deferred(self, events: List[Dict[str, Any]]) -> None:
         deferred, self.deferred = self.deferred, []
@@ -1377,6 +1434,7 @@ class StreamTranslator:
         if self.deferred or self._tool_incomplete():
             self.deferred.append(("reasoning", text))
         else:
+            self._release_held(events)
             self._thinking(text, events)
 
     def _content(self, text: str, events: List[Dict[str, Any]]) -> None:
@@ -1412,9 +1470,12 @@ class StreamTranslator:
         return None
 
     def _flush_think_tags(self, events: List[Dict[str, Any]]) -> None:
+        if self.think_tags == "start":
+            return self._release_held(events)
         held, self.held = self.held, ""
         if held:
             (self._thinking if self.think_tags == "inside" else self._text)(held, events)
+        return None
 
     def _thinking(self, text: str, events: List[Dict[str, Any]]) -> None:
         if self.think_tags == "start":
@@ -1446,14 +1507,15 @@ class StreamTranslator:
         if call is None:
             return None
         if key:
-            if call.key:
+            if call.key and (name or call.complete()):
                 return None                      # Gemini: another call at a repeated index
-            call.key = key                       # the upstream's id arrived after the name
-            self.calls_by_key[key] = call
-            if call.block is None and key not in self.ctx.history_tool_ids:
-                call.id = key
-        elif index is None and name and call.name and (name != call.name or _complete_json(call.arguments)):
-            return None                          # a new call with neither index nor id
+            if not call.key:                     # the upstream's id arrived after the name
+                call.key = key
+                if call.block is None and key not in self.ctx.history_tool_ids:
+                    call.id = key
+            self.calls_by_key[key] = call        # (some servers send a new id on every fragment)
+        elif name and call.name and (name != call.name or call.complete()):
+            return None                          # a new call although neither id nor index says so
         return call
 
     def _tool_fragment(self, fragment: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
@@ -1491,7 +1553,7 @@ class StreamTranslator:
             call.arguments.append(arguments)
             if call is self.current:
                 self._send_arguments(call, arguments, events)
-                if self.deferred and _complete_json(call.arguments):
+                if self.deferred and call.complete():
                     self._flush_deferred(events)
                 return
             call.pending.append(arguments)
@@ -1503,6 +1565,7 @@ class StreamTranslator:
             self._open_tool(call, events)
 
     def _open_tool(self, call: _ToolCall, events: List[Dict[str, Any]]) -> None:
+        self._release_held(events)
         call.block = self._open("tool", {"type": "tool_use", "id": call.id, "name": call.name,
                                          "input": {}}, events)
         self.current = call
@@ -1883,10 +1946,13 @@ def _still_open(conn: http.client.HTTPConnection) -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        if hasattr(select, "poll"):              # select() fails for descriptors >= 1024
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return not poller.poll(0)
+        return not select.select([sock], [], [], 0)[0]
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 class UpstreamPool:
@@ -2515,6 +2581,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         and sent once more, and the fix is remembered for the model."""
         server = self.server
         model = openai_request["model"]
+        learned: Optional[Tuple[ModelFixes, str]] = None
         for attempt in (1, 2):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("upstream request: %s", describe_request(openai_request))
@@ -2523,19 +2590,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             while_waiting = None
             if response.status == 200:
                 self.upstream_released = False
+                if learned is not None:          # remembered only once the fix worked
+                    server.learn(model, *learned)
                 return conn, response
             error = upstream_error(response.status, read_body(response, server.pool.origin),
                                    response.getheader("retry-after"))
             self._release(conn, response)
             if not self.upstream_released:
                 conn.close()
-            fix = None
+            if learned is not None:              # the fix did not help: forget it
+                log.warning("upstream answered %d after the fix (%s)", response.status, describe_fix(learned[0]))
+            fix, model_wide = None, False
             if attempt == 1 and response.status in (400, 422):
-                fix = fix_from_error(openai_request, error.upstream_message, error.param)
+                fix, model_wide = fix_from_error(openai_request, error.upstream_message, error.param)
             if fix is None:
                 log.warning("upstream answered %d: %s", response.status, server.redact(error.message))
                 raise error
-            server.learn(model, fix, error.upstream_message)
+            if model_wide:
+                learned = (fix, error.upstream_message)
             openai_request = apply_fixes(openai_request, fix)
         raise AssertionError("unreachable")
 
@@ -2578,11 +2650,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sock = conn.sock
         if sock is None:
             return
+        deadline = time.monotonic() + DRAIN_TIMEOUT
         try:
-            sock.settimeout(DRAIN_TIMEOUT)
-            read_body(response, self.server.pool.origin)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout()
+                sock.settimeout(remaining)
+                if not response.read1(65536):
+                    break
             sock.settimeout(self.server.pool.read_timeout)
-        except (ProxyError, OSError):
+        except (OSError, http.client.HTTPException, ValueError):
             _close_upstream(conn)
             return
         self._release(conn, response)
@@ -2649,6 +2727,8 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except ValueError as exc:
         raise _invalid("request body is not valid JSON: %s" % exc) from None
+    except RecursionError:
+        raise _invalid("request body is nested too deeply") from None
 
 
 def parse_chunk(data: str) -> Dict[str, Any]:

@@ -681,6 +681,55 @@ def test_stream_random_interleavings_never_lose_arguments_or_text():
         assert "".join(b["text"] for b in message["content"] if b["type"] == "text") == "".join(texts), case
 
 
+@pytest.mark.parametrize("fragments", [
+    ['{"a":"\\', '"', '"}'], ['{"a": "}\\"', '"}'], ['[{"x": [1, ', '{"y": "]"}]}', ']'], ['{"a":', ' "b"', '}'],
+    ['{"s": "\\\\"', '}'], ['{', '}'],
+])
+def test_tool_call_json_completeness_tracked_across_fragments(fragments):
+    call = cp._ToolCall("c", "c", "A")
+    for i in range(len(fragments)):
+        call.arguments.append(fragments[i])
+        prefix = "".join(fragments[:i + 1])
+        try:
+            json.loads(prefix)
+            valid = True
+        except ValueError:
+            valid = False
+        assert call.complete() == valid, prefix
+
+
+def test_stream_two_whole_calls_at_one_index_without_ids():
+    events = run_translator([chunk(tool_delta(0, '{"a":1}', None, "A")), chunk(tool_delta(0, '{"b":2}', None, "B")),
+                             chunk({}, "tool_calls")])
+    assert [(b["name"], b["input"]) for b in cp.assemble_message(events)["content"]] == [("A", {"a": 1}), ("B", {"b": 2})]
+
+
+def test_stream_server_that_sends_a_new_id_on_every_fragment():
+    events = run_translator([chunk(tool_delta(0, '{"command":', "id1", "Bash")), chunk(tool_delta(0, ' "ls"}', "id2")),
+                             chunk({}, "tool_calls")])
+    assert [(b["id"], b["input"]) for b in cp.assemble_message(events)["content"]] == [("id1", {"command": "ls"})]
+
+
+def test_stream_whitespace_before_a_tool_call_or_reasoning_makes_no_block():
+    streamed = cp.assemble_message(run_translator([chunk({"content": "\n\n"}), chunk(tool_delta(0, "{}", "c", "A")),
+                                                   chunk({}, "tool_calls")]))
+    whole = cp.to_anthropic(completion({"content": "\n\n", "tool_calls": [
+        {"id": "c", "function": {"name": "A", "arguments": "{}"}}]}, "tool_calls"), CTX, ids())
+    assert [b["type"] for b in streamed["content"]] == [b["type"] for b in whole["content"]] == ["tool_use"]
+    events = run_translator([chunk({"content": "\n"}), chunk({"reasoning_content": "r"}), chunk({"content": "Answer"}),
+                             chunk({}, "stop")])
+    assert [(b["type"], b.get("text")) for b in cp.assemble_message(events)["content"]] == [
+        ("thinking", None), ("text", "Answer")]
+
+
+def test_stream_surrogate_pair_split_across_reasoning_chunks():
+    events = run_translator([chunk({"reasoning_content": "smile \ud83d"}), chunk({"reasoning_content": "\ude00 ok"}),
+                             chunk({"content": "done"}), chunk({}, "stop")])
+    thinking = cp.assemble_message(events)["content"][0]
+    assert thinking["signature"] == cp.thinking_signature("smile \U0001F600 ok")
+    assert cp.is_proxy_signature(thinking["signature"], thinking["thinking"])
+
+
 def test_stream_late_id_is_adopted_not_a_second_call():
     events = run_translator([chunk(tool_delta(0, None, None, "Bash")), chunk(tool_delta(0, '{"command":"ls"}', "call_1")),
                              chunk({}, "tool_calls")])
@@ -995,40 +1044,46 @@ def test_openai_gets_max_completion_tokens_and_reasoning_models_lose_sampling():
 NEGOTIATION_CASES = [
     ("openai max_tokens unsupported",
      "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
-     "max_tokens", cp.ModelFixes(completion_tokens_field=True)),
+     "max_tokens", cp.ModelFixes(completion_tokens_field=True), True),
     ("openai temperature unsupported value",
      "Unsupported value: 'temperature' does not support 0.2 with this model. Only the default (1) value is supported.",
-     "temperature", cp.ModelFixes(drop=frozenset(["temperature"]))),
+     "temperature", cp.ModelFixes(drop=frozenset(["temperature"])), True),
     ("openai output limit",
      "max_tokens is too large: 64000. This model supports at most 16384 completion tokens, whereas you provided 64000.",
-     "max_tokens", cp.ModelFixes(max_output=16384)),
+     "max_tokens", cp.ModelFixes(max_output=16384), True),
     ("deepseek output limit", "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]", None,
-     cp.ModelFixes(max_output=8192)),
+     cp.ModelFixes(max_output=8192), True),
     ("groq output limit", "`max_tokens` must be less than or equal to `32768`, the maximum value for `max_tokens` "
-     "is less than the `context_window` for this model", None, cp.ModelFixes(max_output=32768)),
-    ("vllm context length", "'max_tokens' or 'max_completion_tokens' is too large: 64000. This model's maximum "
-     "context length is 32768 tokens and your request has 1234 input tokens (64000 > 32768 - 1234).", None,
-     cp.ModelFixes(max_output=31534)),
+     "is less than the `context_window` for this model", None, cp.ModelFixes(max_output=32768), True),
+    ("anthropic-style output limit", "max_tokens: 64000 > 32000, which is the maximum allowed number of output "
+     "tokens for claude-x", None, cp.ModelFixes(max_output=32000), True),
+    ("vllm context length: this request only", "'max_tokens' or 'max_completion_tokens' is too large: 64000. This "
+     "model's maximum context length is 32768 tokens and your request has 1234 input tokens (64000 > 32768 - 1234).",
+     None, cp.ModelFixes(max_output=31534), False),
     ("mistral extra field", "[{'type': 'extra_forbidden', 'loc': ('body', 'stream_options'), "
-     "'msg': 'Extra inputs are not permitted'}]", None, cp.ModelFixes(drop=frozenset(["stream_options"]))),
+     "'msg': 'Extra inputs are not permitted'}]", None, cp.ModelFixes(drop=frozenset(["stream_options"])), True),
     ("azure unrecognized argument", "Unrecognized request argument supplied: parallel_tool_calls", None,
-     cp.ModelFixes(drop=frozenset(["parallel_tool_calls"]))),
+     cp.ModelFixes(drop=frozenset(["parallel_tool_calls"])), True),
     ("ollama reasoning effort", '"reasoning_effort" is not supported for this model', None,
-     cp.ModelFixes(drop=frozenset(["reasoning_effort"]))),
+     cp.ModelFixes(drop=frozenset(["reasoning_effort"])), True),
     ("deepseek response_format", "This response_format type is unavailable now", None,
-     cp.ModelFixes(drop=frozenset(["response_format"]))),
+     cp.ModelFixes(drop=frozenset(["response_format"])), True),
+    ("a tool schema property is not a parameter", "Invalid schema for function 'get_weather': In context=("
+     "'properties', 'temperature'), array schema missing items.", "tools[0].function.parameters", None, False),
+    ("too many tools is no output limit", "tools: 140 > 128, which is the maximum allowed number of tools", None,
+     None, False),
     ("input alone too long: nothing to fix", "This model's maximum context length is 32768 tokens and your request "
-     "has 40000 input tokens", None, None),
-    ("unrelated 400", "Invalid 'messages[2].tool_calls': empty array.", None, None),
+     "has 40000 input tokens", None, None, False),
+    ("unrelated 400", "Invalid 'messages[2].tool_calls': empty array.", None, None, False),
 ]
 
 
-@pytest.mark.parametrize("name,message,param,fix", NEGOTIATION_CASES, ids=[c[0] for c in NEGOTIATION_CASES])
-def test_fix_from_error(name, message, param, fix):
+@pytest.mark.parametrize("name,message,param,fix,model_wide", NEGOTIATION_CASES, ids=[c[0] for c in NEGOTIATION_CASES])
+def test_fix_from_error(name, message, param, fix, model_wide):
     body = {"model": "m", "messages": [], "max_tokens": 64000, "temperature": 0.2, "stream": True,
             "stream_options": {"include_usage": True}, "parallel_tool_calls": False, "reasoning_effort": "high",
-            "response_format": {"type": "json_schema"}}
-    assert cp.fix_from_error(body, message, param) == fix
+            "response_format": {"type": "json_schema"}, "tools": [{"type": "function"}]}
+    assert cp.fix_from_error(body, message, param) == (fix, model_wide)
 
 
 def test_apply_fixes():
@@ -1076,6 +1131,16 @@ def test_gemini_model_behind_a_generic_server_also_gets_clean_schemas_others_unt
     assert other["tools"][0]["function"]["parameters"] == CLAUDE_CODE_SCHEMA
 
 
+def test_gemini_recursive_refs_are_cut_not_expanded_forever():
+    tree = {"type": "object", "properties": {"root": {"$ref": "#/$defs/Node"}}, "$defs": {"Node": {
+        "type": "object", "properties": {"c%d" % i: {"$ref": "#/$defs/Node"} for i in range(3)}}}}
+    cleaned = cp.clean_schema(tree)
+    assert cleaned == {"type": "object", "properties": {"root": {"type": "object", "properties": {
+        "c0": {"type": "object"}, "c1": {"type": "object"}, "c2": {"type": "object"}}}}}
+    assert cp.clean_schema({"properties": {"x": {"const": 3}, "y": {"const": "a"}}}) == {
+        "properties": {"x": {}, "y": {"enum": ["a"]}}}
+
+
 def test_gemini_replayed_tool_calls_carry_a_thought_signature():
     settings = cp.Settings(openai_base_url="https://generativelanguage.googleapis.com/v1beta/openai/")
     request = req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]},
@@ -1095,6 +1160,8 @@ def test_mistral_tool_ids_are_nine_alphanumerics_and_still_pair():
     assert call_ids == [cp.short_tool_id("toolu_01"), "D681PevKs"]
     assert all(len(i) == 9 and i.isalnum() for i in call_ids)
     assert [m["tool_call_id"] for m in messages[2:]] == call_ids
+    gemini_elsewhere = cp.resolve_dialect(cp.Settings(openai_base_url="https://aiplatform.googleapis.com/v1"), "gemini-3-pro")
+    assert gemini_elsewhere.clean_schemas and gemini_elsewhere.thought_signatures
     local = cp.Settings(openai_base_url="http://127.0.0.1:8080/v1", big_model="devstral-small")
     assert cp.to_openai(request, local)["messages"][1]["tool_calls"][0]["id"] == call_ids[0]
 
@@ -1676,6 +1743,19 @@ def test_e2e_negotiation_never_retries_more_than_once(upstream, proxy):
     assert status == 400 and "top_p" in payload["error"]["message"] and headers["x-should-retry"] == "false"
     assert len(upstream.requests) == 2
     assert "temperature" not in upstream.requests[1]["body"] and upstream.requests[1]["body"]["top_p"] == 0.9
+    upstream.script.append(json_text("ok"))
+    Client(proxy).json("POST", "/v1/messages", req(temperature=0.5))
+    assert upstream.requests[2]["body"]["temperature"] == 0.5, "a fix that did not work was remembered"
+
+
+def test_e2e_context_window_limit_is_used_for_the_retry_only(upstream, proxy):
+    too_long = {"error": {"message": "'max_tokens' or 'max_completion_tokens' is too large: 64000. This model's maximum "
+                                     "context length is 32768 tokens and your request has 30000 input tokens."}}
+    upstream.script.extend([json_reply(too_long, 400), json_text("first"), json_text("second")])
+    client = Client(proxy)
+    assert client.json("POST", "/v1/messages", req(max_tokens=64000))[2]["content"][0]["text"] == "first"
+    assert client.json("POST", "/v1/messages", req(max_tokens=64000))[2]["content"][0]["text"] == "second"
+    assert [r["body"]["max_tokens"] for r in upstream.requests] == [64000, 2768, 64000]
 
 
 def test_e2e_azure_deployment_url_api_version_and_api_key(upstream):
@@ -1780,6 +1860,33 @@ def test_e2e_upstream_holding_its_body_open_after_done_loses_the_connection(upst
         assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "next"
     finally:
         released.set()
+
+
+def test_e2e_upstream_chattering_after_done_is_cut_at_the_drain_deadline(upstream, proxy, monkeypatch):
+    monkeypatch.setattr(cp, "DRAIN_TIMEOUT", 0.05)
+    closed = threading.Event()
+
+    def done_then_keepalives(handler, body):
+        begin_sse(handler)
+        send_parts(handler, [sse_data(chunk({"content": "hi"}, "stop")), b"data: [DONE]\n\n"])
+        try:
+            while not closed.wait(0.01):         # an upstream that never ends its body
+                send_parts(handler, [b": keep-alive\n\n"])
+        except OSError:
+            closed.set()
+        handler.close_connection = True
+
+    upstream.script.append(done_then_keepalives)
+    client = Client(proxy)
+    assert cp.assemble_message(client.stream(req()))["content"][0]["text"] == "hi"
+    assert closed.wait(10), "the proxy kept draining an upstream body that never ended"
+    upstream.script.append(json_text("next"))
+    assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "next"
+
+
+def test_e2e_deeply_nested_body_is_400(proxy):
+    response, payload = Client(proxy).call("POST", "/v1/messages", b"[" * 100000)
+    assert response.status == 400 and json.loads(payload)["error"]["type"] == "invalid_request_error"
 
 
 def test_e2e_error_inside_a_200_body_keeps_its_status(upstream, proxy):
