@@ -2578,7 +2578,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                        ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """POST the request; an answer other than 200 becomes a ProxyError. When the upstream
         answers 400 naming a parameter or a limit the model cannot take, the request is fixed
-        and sent once more, and the fix is remembered for the model."""
+        and sent once more; once that succeeds the fix is remembered for the model (unless it
+        depended on this request, like a limit of context window minus this input)."""
         server = self.server
         model = openai_request["model"]
         learned: Optional[Tuple[ModelFixes, str]] = None
@@ -2598,13 +2599,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._release(conn, response)
             if not self.upstream_released:
                 conn.close()
-            if learned is not None:              # the fix did not help: forget it
-                log.warning("upstream answered %d after the fix (%s)", response.status, describe_fix(learned[0]))
             fix, model_wide = None, False
             if attempt == 1 and response.status in (400, 422):
                 fix, model_wide = fix_from_error(openai_request, error.upstream_message, error.param)
-            if fix is None:
-                log.warning("upstream answered %d: %s", response.status, server.redact(error.message))
+            if fix is None:                      # (after a retry, its fix is forgotten)
+                log.warning("upstream answered %d%s: %s", response.status,
+                            " to the fixed retry" if attempt == 2 else "", server.redact(error.message))
                 raise error
             if model_wide:
                 learned = (fix, error.upstream_message)
