@@ -1232,7 +1232,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def scenario_block(scenario: Scenario, result: Dict[str, Any]) -> str:
-    direct, proxy, line = result["direct"], result["proxy"], result["headline"]
+    direct, proxy = result["direct"], result["proxy"]
     shape = "%d requests" % proxy["requests"] if scenario.requests else "%.0f s" % scenario.duration
     out = ["", "== %s %s: %s, concurrency %d, %s, %.1f KB request ==" % (
         scenario.key, scenario.name, "stream" if scenario.stream else "non-stream", scenario.concurrency,

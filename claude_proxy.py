@@ -2560,10 +2560,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if is_sse:   # a server that streams although we did not ask
                 translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
                 events = translator.start()
-                saw_done = False
                 for data in iter_sse_data(response, server.pool.origin):
-                    if data == "[DONE]":
-                        saw_done = True
+                    if data == "[DONE]" or translator.ended:
                         break
                     events.extend(translator.feed(parse_chunk(data)))
                 events.extend(translator.finish())
