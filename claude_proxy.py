@@ -944,6 +944,11 @@ DROPPABLE_PARAMETERS = ("temperature", "top_p", "stop", "stream_options", "paral
                         "reasoning_effort", "reasoning", "tool_choice", "response_format")
 REJECTION_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "not permitted",
                    "extra inputs", "not allowed", "does not support", "invalid", "unavailable")
+def _room(context: Any, prompt: Any) -> int:
+    """Output tokens left in a context window, less 1 % (some providers count approximately)."""
+    return int(context) - int(prompt) - int(context) // 100
+
+
 # (pattern, how to get the limit from its groups, whether the limit is the model's own). A
 # limit derived from the context window minus this request's input holds for this request
 # only: it is used for the retry and never remembered.
@@ -953,9 +958,16 @@ OUTPUT_LIMIT_PATTERNS = (
     (re.compile(r"max_tokens`? must be less than or equal to `?(\d+)"), lambda g: int(g[0]), True),  # Groq
     (re.compile(r"max_tokens\W*:?\s*\d+ > (\d+), which is the maximum allowed"), lambda g: int(g[0]), True),
     (re.compile(r"maximum context length is (\d+) tokens and your request has (\d+) input"),  # vLLM
-     lambda g: int(g[0]) - int(g[1]), False),
+     lambda g: _room(g[0], g[1]), False),
     (re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
-                r"\((\d+) in the messages"), lambda g: int(g[0]) - int(g[1]), False),
+                r"\((\d+) in the messages"), lambda g: _room(g[0], g[1]), False),
+    (re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ output tokens "
+                r"and your prompt contains at least (\d+) input"), lambda g: _room(g[0], g[1]), False),  # vLLM
+    (re.compile(r"maximum context length is (\d+) tokens\. However, you requested about (\d+) tokens "
+                r"\([^)]*?(\d+) in the output\)"),                                             # OpenRouter
+     lambda g: _room(g[0], int(g[1]) - int(g[2])), False),
+    (re.compile(r"maximum context length is (\d+) tokens, however you requested \d+ tokens "
+                r"\((\d+) in your prompt"), lambda g: _room(g[0], g[1]), False),                # OpenAI (old)
 )
 
 

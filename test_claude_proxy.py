@@ -1059,7 +1059,14 @@ NEGOTIATION_CASES = [
      "tokens for claude-x", None, cp.ModelFixes(max_output=32000), True),
     ("vllm context length: this request only", "'max_tokens' or 'max_completion_tokens' is too large: 64000. This "
      "model's maximum context length is 32768 tokens and your request has 1234 input tokens (64000 > 32768 - 1234).",
-     None, cp.ModelFixes(max_output=31534), False),
+     None, cp.ModelFixes(max_output=31207), False),
+    ("vllm context length, newer wording", "This model's maximum context length is 131072 tokens. However, you "
+     "requested 64000 output tokens and your prompt contains at least 70000 input tokens, for a total of at least "
+     "134000 tokens.", None, cp.ModelFixes(max_output=59762), False),
+    ("openrouter context length", "This endpoint's maximum context length is 131072 tokens. However, you requested "
+     "about 138956 tokens (74956 of text input, 64000 in the output). Please reduce the length of either one, or "
+     "use the \"middle-out\" transform to compress your prompt automatically.", None,
+     cp.ModelFixes(max_output=54806), False),
     ("mistral extra field", "[{'type': 'extra_forbidden', 'loc': ('body', 'stream_options'), "
      "'msg': 'Extra inputs are not permitted'}]", None, cp.ModelFixes(drop=frozenset(["stream_options"])), True),
     ("azure unrecognized argument", "Unrecognized request argument supplied: parallel_tool_calls", None,
@@ -1755,7 +1762,7 @@ def test_e2e_context_window_limit_is_used_for_the_retry_only(upstream, proxy):
     client = Client(proxy)
     assert client.json("POST", "/v1/messages", req(max_tokens=64000))[2]["content"][0]["text"] == "first"
     assert client.json("POST", "/v1/messages", req(max_tokens=64000))[2]["content"][0]["text"] == "second"
-    assert [r["body"]["max_tokens"] for r in upstream.requests] == [64000, 2768, 64000]
+    assert [r["body"]["max_tokens"] for r in upstream.requests] == [64000, 2441, 64000]
 
 
 def test_e2e_azure_deployment_url_api_version_and_api_key(upstream):
