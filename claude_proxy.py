@@ -2825,6 +2825,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         host, port, "<your ANTHROPIC_API_KEY>" if settings.anthropic_api_key else "x"), flush=True)
     if not settings.openai_api_key and urllib.parse.urlsplit(settings.openai_base_url).hostname not in LOOPBACK_HOSTS:
         log.warning("OPENAI_API_KEY is not set; the upstream will probably answer 401")
+    if settings.host not in LOOPBACK_HOSTS and not settings.anthropic_api_key:
+        log.warning("listening on %s without ANTHROPIC_API_KEY: anyone who can reach this port can use "
+                    "the upstream key; set ANTHROPIC_API_KEY to require a key from clients", settings.host)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

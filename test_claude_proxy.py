@@ -2084,6 +2084,20 @@ def test_command_line_check_shows_effective_values_and_rejects_a_bad_provider(tm
     assert bad.returncode == 2 and b"PROVIDER must be auto or one of" in bad.stdout
 
 
+def test_command_line_warns_when_open_to_the_network_without_a_client_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--host", "0.0.0.0", "--port", "0",
+                                "--openai-base-url", "http://127.0.0.1:9/v1"], cwd=str(tmp_path), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lines = [process.stdout.readline().decode() for _ in range(3)]
+        assert "without ANTHROPIC_API_KEY" in lines[2], lines
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+
+
 def test_command_line_check_masks_keys(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--check",
                              "--openai-api-key", "sk-very-secret"], cwd=str(tmp_path),
