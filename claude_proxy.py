@@ -97,6 +97,9 @@ class Settings:
         "lmstudio, generic")
     azure_api_version: str = _setting(
         "2024-10-21", "AZURE_API_VERSION", "api-version for Azure OpenAI deployment URLs")
+    upstream_streaming: str = _setting(
+        "on", "UPSTREAM_STREAMING", "off: ask the upstream for whole answers and stream them to the "
+        "client (for servers that lose tool calls when streaming, as some Ollama builds do)")
     pin_cpu: int = _setting(
         -1, "PIN_CPU", "run the proxy on this one CPU (Linux; -1: any). One Python process uses one "
         "core at a time; pinned, its threads stop contending across cores under concurrent load")
@@ -2550,6 +2553,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             openai_request = apply_fixes(to_openai(request, server.settings, server.dialect_for(model)),
                                          server.fixes_for(model))
             stream = bool(request.get("stream"))
+            if stream and server.settings.upstream_streaming.lower() == "off":
+                # The whole answer is turned into a stream for the client when it arrives.
+                openai_request = {k: v for k, v in openai_request.items() if k not in ("stream", "stream_options")}
             ctx = ResponseContext(
                 model=request["model"], message_id=new_id("msg_"),
                 stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),

@@ -1583,6 +1583,15 @@ def test_e2e_upstream_answers_json_to_a_stream_request(upstream, proxy):
     assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "not streamed"}]
 
 
+def test_e2e_upstream_streaming_off_streams_a_whole_answer_to_the_client(upstream):
+    with running_proxy(upstream.url, upstream_streaming="off") as server:
+        upstream.script.append(json_reply(completion({"content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}]}, "stop")))
+        message = cp.assemble_message(Client(server).stream(req(tools=[TOOL])))
+        assert message["stop_reason"] == "tool_use" and message["content"][0]["input"] == {"command": "ls"}
+        assert "stream" not in upstream.requests[0]["body"] and "stream_options" not in upstream.requests[0]["body"]
+
+
 def test_e2e_upstream_streams_to_a_non_stream_request(upstream, proxy):
     upstream.script.append(sse_text("streamed anyway"))
     status, _, message = Client(proxy).json("POST", "/v1/messages", req())
