@@ -830,28 +830,57 @@ def short_tool_id(tool_id: str) -> str:
 
 # Gemini documents this value for tool calls whose thought signature it never issued.
 GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
+# Gemini 3 signs its tool calls (extra_content.google.thought_signature) and wants the
+# signature back on the call in the next request. It travels through the client inside the
+# tool_use id, after this mark, base64url-encoded (ids stay within [A-Za-z0-9_-]).
+SIGNATURE_MARK = "_ccpts_"
+
+
+def id_with_signature(call_id: str, call: Dict[str, Any]) -> str:
+    extra = call.get("extra_content")
+    google = extra.get("google") if isinstance(extra, dict) else None
+    signature = google.get("thought_signature") if isinstance(google, dict) else None
+    if not isinstance(signature, str) or not signature or SIGNATURE_MARK in call_id:
+        return call_id
+    return call_id + SIGNATURE_MARK + base64.urlsafe_b64encode(signature.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def split_signature(call_id: str) -> Tuple[str, Optional[str]]:
+    """(the upstream's own id, the thought signature carried in it or None)."""
+    if SIGNATURE_MARK not in call_id:
+        return call_id, None
+    base, encoded = call_id.split(SIGNATURE_MARK, 1)
+    try:
+        return base, base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return base, None
+
+
+def _upstream_call_id(call_id: str, dialect: Dialect) -> str:
+    base = split_signature(call_id)[0]
+    return short_tool_id(base) if dialect.short_tool_ids else base
 
 
 def adapt_messages(messages: List[Dict[str, Any]], dialect: Dialect) -> List[Dict[str, Any]]:
-    """Tool call ids for Mistral, thought signatures for Gemini, a clear 400 for a PDF the
+    """Tool call ids as the upstream knows them (a carried thought signature split off; 9
+    characters for Mistral), thought signatures for Gemini, a clear 400 for a PDF the
     provider cannot take. Returns new message dicts where something changed."""
-    if not (dialect.short_tool_ids or dialect.thought_signatures or not dialect.accepts_pdf):
-        return messages
     adapted = []
     for message in messages:
         role = message["role"]
         if role == "assistant" and message.get("tool_calls"):
             calls = []
             for call in message["tool_calls"]:
-                call = dict(call)
-                if dialect.short_tool_ids:
-                    call["id"] = short_tool_id(call["id"])
+                signature = split_signature(call["id"])[1]
+                call = dict(call, id=_upstream_call_id(call["id"], dialect))
                 if dialect.thought_signatures:
-                    call["extra_content"] = {"google": {"thought_signature": GEMINI_SKIP_SIGNATURE}}
+                    call["extra_content"] = {"google": {"thought_signature": signature or GEMINI_SKIP_SIGNATURE}}
                 calls.append(call)
             message = dict(message, tool_calls=calls)
-        elif role == "tool" and dialect.short_tool_ids:
-            message = dict(message, tool_call_id=short_tool_id(message["tool_call_id"]))
+        elif role == "tool":
+            upstream_id = _upstream_call_id(message["tool_call_id"], dialect)
+            if upstream_id != message["tool_call_id"]:
+                message = dict(message, tool_call_id=upstream_id)
         elif role == "user" and not dialect.accepts_pdf and isinstance(message["content"], list) and any(
                 part["type"] == "file" for part in message["content"]):
             raise _invalid("the upstream provider (%s) does not take PDF documents; send the text "
@@ -1193,6 +1222,7 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
         call_id = _string(call.get("id"))
         if not call_id or call_id in used_ids:   # missing, or reused from an earlier turn
             call_id = new_tool_id()
+        call_id = id_with_signature(call_id, call)
         used_ids.add(call_id)
         content.append({"type": "tool_use", "id": call_id, "name": name,
                         "input": parse_tool_arguments(arguments)})
@@ -1210,7 +1240,7 @@ _JSON_STRUCTURE = re.compile(r'[{}\[\]"\\]')
 
 
 class _ToolCall:
-    __slots__ = ("id", "key", "name", "block", "pending", "arguments", "sent", "closed", "scan")
+    __slots__ = ("id", "key", "name", "block", "pending", "arguments", "sent", "closed", "scan", "extra")
 
     def __init__(self, call_id: str, key: str, name: str) -> None:
         self.id = call_id                   # the id the client sees
@@ -1223,6 +1253,7 @@ class _ToolCall:
         self.closed = False
         # fragments scanned, bracket depth, inside a string, escape pending, a bracket seen
         self.scan = (0, 0, False, False, False)
+        self.extra: Dict[str, Any] = {}     # the fragment's extra_content (Gemini's signature)
 
     def complete(self) -> bool:
         """Do the arguments so far form a complete JSON value? Each fragment is scanned once
@@ -1559,6 +1590,8 @@ class StreamTranslator:
                 self.calls_by_key[key] = call
         elif name and not call.name:
             call.name = name
+        if isinstance(fragment.get("extra_content"), dict) and call.block is None:
+            call.extra = {"extra_content": fragment["extra_content"]}
         if arguments:
             if call.closed:
                 if arguments.strip():
@@ -1581,6 +1614,7 @@ class StreamTranslator:
 
     def _open_tool(self, call: _ToolCall, events: List[Dict[str, Any]]) -> None:
         self._release_held(events)
+        call.id = id_with_signature(call.id, call.extra)
         call.block = self._open("tool", {"type": "tool_use", "id": call.id, "name": call.name,
                                          "input": {}}, events)
         self.current = call

@@ -11,6 +11,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -1154,6 +1155,33 @@ def test_gemini_replayed_tool_calls_carry_a_thought_signature():
                             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "x"}]}])
     call = cp.to_openai(request, settings)["messages"][1]["tool_calls"][0]
     assert call["extra_content"] == {"google": {"thought_signature": "skip_thought_signature_validator"}}
+
+
+GEMINI = cp.Settings(openai_base_url="https://generativelanguage.googleapis.com/v1beta/openai/", big_model="gemini-3-pro")
+SIGNED_CALL = {"id": "call_g1", "type": "function", "extra_content": {"google": {"thought_signature": "CiQB+sig/=="}},
+               "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}
+
+
+def gemini_follow_up(tool_use):
+    return req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [tool_use]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use["id"], "content": "a"}]}])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_gemini_thought_signature_travels_in_the_tool_use_id_and_comes_back(stream):
+    if stream:
+        events = run_translator([chunk({"tool_calls": [dict(SIGNED_CALL, index=0)]}), chunk({}, "stop")])
+        tool_use = cp.assemble_message(events)["content"][0]
+    else:
+        tool_use = cp.to_anthropic(completion({"tool_calls": [SIGNED_CALL]}, "tool_calls"), CTX, ids())["content"][0]
+    assert tool_use["id"].startswith("call_g1" + cp.SIGNATURE_MARK) and re.fullmatch(r"[A-Za-z0-9_-]+", tool_use["id"])
+    messages = cp.to_openai(gemini_follow_up(tool_use), GEMINI)["messages"]
+    assert messages[1]["tool_calls"][0]["id"] == "call_g1" and messages[2]["tool_call_id"] == "call_g1"
+    assert messages[1]["tool_calls"][0]["extra_content"] == {"google": {"thought_signature": "CiQB+sig/=="}}
+    # another provider gets the plain id and no signature
+    other = cp.to_openai(gemini_follow_up(tool_use), SETTINGS)["messages"]
+    assert other[1]["tool_calls"][0] == {"id": "call_g1", "type": "function", "function": {
+        "name": "Bash", "arguments": '{"command": "ls"}'}} and other[2]["tool_call_id"] == "call_g1"
 
 
 def test_mistral_tool_ids_are_nine_alphanumerics_and_still_pair():
