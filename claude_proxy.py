@@ -815,17 +815,27 @@ def to_openai(request: Dict[str, Any], settings: Settings,
 # Dialect adaptations of the translated messages and tools
 
 
-def short_tool_id(tool_id: str) -> str:
-    """Mistral: a tool call id of exactly 9 [a-zA-Z0-9], the same for the same input id, so a
-    call and its result still pair up. Ids already of that form are kept."""
-    if len(tool_id) == 9 and tool_id.isalnum() and tool_id.isascii():
-        return tool_id
-    number = int.from_bytes(hashlib.sha256(tool_id.encode("utf-8")).digest()[:8], "big")
+def _hashed_id(tool_id: str, length: int) -> str:
+    """`length` base62 characters derived from the id: the same id always maps the same way,
+    so a call and its result still pair up."""
+    number = int.from_bytes(hashlib.sha256(tool_id.encode("utf-8", "surrogatepass")).digest(), "big")
     chars = []
-    for _ in range(9):
+    for _ in range(length):
         number, digit = divmod(number, 62)
         chars.append(_BASE62[digit])
     return "".join(chars)
+
+
+def short_tool_id(tool_id: str) -> str:
+    """Mistral: a tool call id of exactly 9 [a-zA-Z0-9]. Ids already of that form are kept."""
+    if len(tool_id) == 9 and tool_id.isalnum() and tool_id.isascii():
+        return tool_id
+    return _hashed_id(tool_id, 9)
+
+
+# OpenAI (and gateways in front of it) reject tool call ids over 40 characters; a history can
+# hold longer ones from another provider.
+MAX_TOOL_ID_LENGTH = 40
 
 
 # Gemini documents this value for tool calls whose thought signature it never issued.
@@ -858,7 +868,9 @@ def split_signature(call_id: str) -> Tuple[str, Optional[str]]:
 
 def _upstream_call_id(call_id: str, dialect: Dialect) -> str:
     base = split_signature(call_id)[0]
-    return short_tool_id(base) if dialect.short_tool_ids else base
+    if dialect.short_tool_ids:
+        return short_tool_id(base)
+    return base if len(base) <= MAX_TOOL_ID_LENGTH else "call_" + _hashed_id(base, 24)
 
 
 def adapt_messages(messages: List[Dict[str, Any]], dialect: Dialect) -> List[Dict[str, Any]]:

@@ -1184,6 +1184,16 @@ def test_gemini_thought_signature_travels_in_the_tool_use_id_and_comes_back(stre
         "name": "Bash", "arguments": '{"command": "ls"}'}} and other[2]["tool_call_id"] == "call_g1"
 
 
+def test_tool_ids_over_40_characters_are_shortened_for_every_upstream_and_still_pair():
+    long_id = "fc_0f0e50a1476a6c35006912c58dc9f8819192c25864eb16f07f"
+    request = req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [dict(CALL, id=long_id)]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": long_id, "content": "a"}]}])
+    messages = cp.to_openai(request, cp.Settings())["messages"]
+    short = messages[1]["tool_calls"][0]["id"]
+    assert short.startswith("call_") and len(short) <= 40 and messages[2]["tool_call_id"] == short
+    assert cp.to_openai(request, cp.Settings())["messages"][1]["tool_calls"][0]["id"] == short
+
+
 def test_mistral_tool_ids_are_nine_alphanumerics_and_still_pair():
     settings = cp.Settings(openai_base_url="https://api.mistral.ai/v1")
     request = req(messages=[{"role": "user", "content": "go"},
