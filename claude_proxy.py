@@ -436,6 +436,19 @@ def wrong_types_are_400() -> Iterator[None]:
         raise _invalid("a field of the request has an unexpected type or value (%s)" % exc.__class__.__name__) from None
 
 
+def loaded_tool_names(messages: List[Any]) -> FrozenSet[str]:
+    """Tools a tool_reference block in the conversation has loaded (Claude Code's ToolSearch)."""
+    names = set()
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            inner = block.get("content") if isinstance(block, dict) else None
+            for part in [block] + (inner if isinstance(inner, list) else []):
+                if isinstance(part, dict) and part.get("type") == "tool_reference":
+                    names.add(part.get("tool_name"))
+    return frozenset(names)
+
+
 def history_tool_ids(messages: List[Any]) -> FrozenSet[str]:
     """The tool_use ids already in the conversation (an answer must not reuse one)."""
     return frozenset(
@@ -510,9 +523,14 @@ def _user_block_parts(block: Dict[str, Any], where: str) -> List[Dict[str, Any]]
         text = block.get("text") or text_of(block.get("content"))
         if text:
             return [_text_part(text)]
-        log.warning("dropped a %r block the upstream cannot take", block.get("type"))
+        if block.get("type") not in _DROPPED_BLOCK_TYPES:   # once per type: histories repeat
+            _DROPPED_BLOCK_TYPES.add(block.get("type"))
+            log.warning("dropped a %r block the upstream cannot take", block.get("type"))
         return []
     return handler(block, where)
+
+
+_DROPPED_BLOCK_TYPES: set = set()
 
 
 USER_BLOCK_PARTS: Dict[str, Callable[[Dict[str, Any], str], List[Dict[str, Any]]]] = {
@@ -520,6 +538,8 @@ USER_BLOCK_PARTS: Dict[str, Callable[[Dict[str, Any], str], List[Dict[str, Any]]
     "image": lambda b, w: [_image_part(b, w)],
     "document": _document_parts,
     "search_result": lambda b, w: [_text_part(_search_result_text(b))],
+    # Claude Code's ToolSearch answers with these; the tool itself joins `tools` (to_openai).
+    "tool_reference": lambda b, w: [_text_part("Tool loaded: %s" % b.get("tool_name"))],
     "thinking": lambda b, w: [],
     "redacted_thinking": lambda b, w: [],
 }
@@ -792,11 +812,14 @@ def to_openai(request: Dict[str, Any], settings: Settings,
             "name": "output", "schema": clean_schema(schema) if dialect.clean_schemas else schema}}
 
     tools = []
+    loaded = loaded_tool_names(request["messages"])
     for tool in request.get("tools") or ():
         if tool.get("type") not in (None, "custom") or not tool.get("name"):
             # Server tools (web_search_20250305, ...) run at Anthropic only.
             log.info("server tool %r dropped: the upstream cannot run it", tool.get("type"))
             continue
+        if tool.get("defer_loading") and tool["name"] not in loaded:
+            continue        # as at Anthropic: hidden from the model until a tool_reference loads it
         function_tool = _function_tool(tool)
         if dialect.clean_schemas:
             function_tool["function"]["parameters"] = clean_schema(function_tool["function"]["parameters"])

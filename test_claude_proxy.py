@@ -337,6 +337,18 @@ REQUEST_CASES = [
           {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL, dict(OPENAI_CALL, id="toolu_02")]},
           {"role": "tool", "tool_call_id": "toolu_01", "content": "a"},
           {"role": "tool", "tool_call_id": "toolu_02", "content": "b"}])),
+    ("deferred tools stay hidden until a tool_reference loads them", req(
+        tools=[TOOL, dict(TOOL, name="WebFetch", defer_loading=True), dict(TOOL, name="DeferredToolPlaceholder", defer_loading=True)],
+        messages=[{"role": "user", "content": "fetch"},
+                  {"role": "assistant", "content": [dict(CALL, name="ToolSearch", input={"query": "select:WebFetch"})]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": [
+                      {"type": "tool_reference", "tool_name": "WebFetch"}]}, {"type": "text", "text": "Tool loaded."}]}]),
+     out([{"role": "user", "content": "fetch"},
+          {"role": "assistant", "content": None, "tool_calls": [{"id": "toolu_01", "type": "function", "function": {
+              "name": "ToolSearch", "arguments": '{"query": "select:WebFetch"}'}}]},
+          {"role": "tool", "tool_call_id": "toolu_01", "content": "Tool loaded: WebFetch"},
+          {"role": "user", "content": "Tool loaded."}],
+         tools=[FN, {"type": "function", "function": dict(FN["function"], name="WebFetch")}])),
     ("tools, tool_choice any, parallel disabled", req(tools=[TOOL], tool_choice={"type": "any", "disable_parallel_tool_use": True}),
      out([{"role": "user", "content": "hi"}], tools=[FN], tool_choice="required", parallel_tool_calls=False)),
     ("tool_choice tool", req(tools=[TOOL], tool_choice={"type": "tool", "name": "Bash"}),
