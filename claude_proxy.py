@@ -1020,21 +1020,21 @@ def _room(context: Any, prompt: Any) -> int:
 # limit derived from the context window minus this request's input holds for this request
 # only: it is used for the retry and never remembered.
 OUTPUT_LIMIT_PATTERNS = (
-    (re.compile(r"supports at most (\d+) completion tokens"), lambda g: int(g[0]), True),      # OpenAI
-    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d+)\]"), lambda g: int(g[0]), True),  # DeepSeek
-    (re.compile(r"max_tokens`? must be less than or equal to `?(\d+)"), lambda g: int(g[0]), True),  # Groq
-    (re.compile(r"max_tokens\W*:?\s*\d+ > (\d+), which is the maximum allowed"), lambda g: int(g[0]), True),
-    (re.compile(r"maximum context length is (\d+) tokens and your request has (\d+) input"),  # vLLM
+    (re.compile(r"supports at most (\d{1,12}) completion tokens"), lambda g: int(g[0]), True),      # OpenAI
+    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d{1,12})\]"), lambda g: int(g[0]), True),  # DeepSeek
+    (re.compile(r"max_tokens`? must be less than or equal to `?(\d{1,12})"), lambda g: int(g[0]), True),  # Groq
+    (re.compile(r"max_tokens\W*:?\s*\d{1,12} > (\d{1,12}), which is the maximum allowed"), lambda g: int(g[0]), True),
+    (re.compile(r"maximum context length is (\d{1,12}) tokens and your request has (\d{1,12}) input"),  # vLLM
      lambda g: _room(g[0], g[1]), False),
-    (re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
-                r"\((\d+) in the messages"), lambda g: _room(g[0], g[1]), False),
-    (re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ output tokens "
-                r"and your prompt contains at least (\d+) input"), lambda g: _room(g[0], g[1]), False),  # vLLM
-    (re.compile(r"maximum context length is (\d+) tokens\. However, you requested about (\d+) tokens "
-                r"\([^)]*?(\d+) in the output\)"),                                             # OpenRouter
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested \d{1,12} tokens "
+                r"\((\d{1,12}) in the messages"), lambda g: _room(g[0], g[1]), False),
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested \d{1,12} output tokens "
+                r"and your prompt contains at least (\d{1,12}) input"), lambda g: _room(g[0], g[1]), False),  # vLLM
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested about (\d{1,12}) tokens "
+                r"\([^)]*?(\d{1,12}) in the output\)"),                                             # OpenRouter
      lambda g: _room(g[0], int(g[1]) - int(g[2])), False),
-    (re.compile(r"maximum context length is (\d+) tokens, however you requested \d+ tokens "
-                r"\((\d+) in your prompt"), lambda g: _room(g[0], g[1]), False),                # OpenAI (old)
+    (re.compile(r"maximum context length is (\d{1,12}) tokens, however you requested \d{1,12} tokens "
+                r"\((\d{1,12}) in your prompt"), lambda g: _room(g[0], g[1]), False),                # OpenAI (old)
 )
 
 
@@ -1151,17 +1151,23 @@ def parse_tool_arguments(arguments: Any) -> Dict[str, Any]:
     return {"_raw_arguments": raw}
 
 
-def usage_to_anthropic(usage: Optional[Dict[str, Any]], estimate: int = 0) -> Dict[str, int]:
-    usage = usage or {}
-    prompt = usage.get("prompt_tokens")
-    details = usage.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
-    if not isinstance(prompt, int):
+def _count(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usage_to_anthropic(usage: Any, estimate: int = 0) -> Dict[str, int]:
+    usage = usage if isinstance(usage, dict) else {}
+    prompt = _count(usage.get("prompt_tokens"))
+    details = usage.get("prompt_tokens_details")
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    if cached is None:
+        cached = _count(usage.get("prompt_cache_hit_tokens")) or 0     # DeepSeek
+    if prompt is None:
         prompt, cached = estimate, 0
     return {"input_tokens": max(prompt - cached, 0),
-            "output_tokens": usage.get("completion_tokens") or 0,
+            "output_tokens": _count(usage.get("completion_tokens")) or 0,
             "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached}
+            "cache_read_input_tokens": min(cached, prompt)}
 
 
 def stop_reason_for(finish_reason: Optional[str], has_tool_calls: bool, text_tail: str,
@@ -1191,7 +1197,7 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):       # some servers answer with a list of text parts
-        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+        return "".join(_string(p.get("text")) for p in content if isinstance(p, dict))
     return ""
 
 
@@ -1235,9 +1241,10 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
         reasoning, text = split_think_tags(text)
     if reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
-    calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
+    tool_calls = message.get("tool_calls")
+    calls = [c for c in tool_calls if isinstance(c, dict)] if isinstance(tool_calls, list) else []
     stop_reason, stop_sequence = stop_reason_for(
-        choice.get("finish_reason"), bool(calls), text, ctx.stop_sequences, choice.get("stop_reason"))
+        _string(choice.get("finish_reason")) or None, bool(calls), text, ctx.stop_sequences, choice.get("stop_reason"))
     if stop_sequence and text.endswith(stop_sequence):
         text = text[:-len(stop_sequence)]
     if text.strip():                         # whitespace alone makes no block, as in a stream
@@ -1323,6 +1330,13 @@ class _ToolCall:
             except ValueError:
                 return False
         return False
+
+
+def _loads_or_none(fragments: List[str]) -> Any:
+    try:
+        return json.loads("".join(fragments))
+    except ValueError:
+        return None
 
 
 class StreamTranslator:
@@ -1435,9 +1449,10 @@ class StreamTranslator:
             # conversation with a truncated turn.
             return self.fail("api_error", "upstream stream ended before the answer was complete")
         events: List[Dict[str, Any]] = []
+        self._flush_think_tags(events)        # held text joins the open block where it can
         self._close(events)
         self._flush_deferred(events)
-        self._flush_think_tags(events)
+        self._close(events)
         for call in self.waiting:
             if not call.name:
                 if "".join(call.arguments).strip():
@@ -1446,11 +1461,17 @@ class StreamTranslator:
             self._open_tool(call, events)
             self._close(events)
         self.waiting = []
+        for call in self.calls:
+            if call.block is not None and call.sent and not isinstance(_loads_or_none(call.arguments), dict):
+                # Its fragments went out already; ending normally would hand the client tool
+                # input that is not a JSON object. An error makes the client ask again.
+                return self.fail("api_error", "upstream sent tool call %s arguments that are not a "
+                                 "complete JSON object" % call.id)
         stop_reason, stop_sequence = stop_reason_for(
             self.finish_reason, self.emitted_calls > 0, self.text_tail, self.ctx.stop_sequences,
             self.matched_stop)
         usage = usage_to_anthropic(self.usage, self.ctx.input_tokens)
-        if not self.usage or not isinstance(self.usage.get("completion_tokens"), int):
+        if not self.usage or _count(self.usage.get("completion_tokens")) is None:
             usage["output_tokens"] = max(self.output_chars // 4, 1)
         events.append({"type": "message_delta",
                        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
@@ -2224,6 +2245,8 @@ def iter_sse_data(lines: Iterable[bytes], origin: str = "upstream") -> Iterator[
 # =============================================================================================
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+DIGITS = re.compile(r"[0-9]{1,12}\Z")
+HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,12}\Z")
 DRAIN_TIMEOUT = 1.0      # seconds to read the end of an upstream body after [DONE]
 
 
@@ -2333,14 +2356,19 @@ class Heartbeat:
                 writer.ping_if_idle(now, self.interval)
 
 
-def _close_upstream(conn: http.client.HTTPConnection) -> None:
-    """Close an upstream connection now, waking a thread blocked reading it."""
+def _shutdown_upstream(conn: http.client.HTTPConnection) -> None:
+    """Wake a thread blocked reading this connection (safe from another thread)."""
     sock = conn.sock
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _close_upstream(conn: http.client.HTTPConnection) -> None:
+    """Close an upstream connection now (from the thread that reads it)."""
+    _shutdown_upstream(conn)
     conn.close()
 
 
@@ -2481,27 +2509,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
             route(self, body)
         except ProxyError as err:
             self._send_error(err)
-        except ClientGone:
+        except (ClientGone, ConnectionError, socket.timeout):   # the client left, or stopped reading
             self.close_connection = True
-            self.log_note = "client went away"
+            self.log_note += " client went away"
+        except RecursionError:             # a body nested so deep that re-encoding it fails
+            self._send_error(_invalid("request body is nested too deeply"))
         except Exception:  # a bug: log it whole, keep serving, answer in Anthropic's shape
             log.exception("unexpected error handling %s %s", method, path)
             self._send_error(ProxyError(500, "api_error", "internal proxy error"))
         self._access_log(method, path)
 
     def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                return self._read_chunked()
-            return b""
-        try:
-            size = int(length)
-        except ValueError:
-            size = -1
-        if size < 0:
+        """The request body, framed strictly: an ambiguous frame could desynchronise the
+        kept-alive connection, so it is a 400 and the connection closes."""
+        lengths = set(v.strip() for v in self.headers.get_all("Content-Length") or ())
+        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+        if len(lengths) > 1 or (lengths and chunked) or any(not DIGITS.match(v) for v in lengths):
             self.close_connection = True
-            raise _invalid("Content-Length is not a valid length")
+            raise _invalid("the request body's length is ambiguous or not a number")
+        if not lengths:
+            return self._read_chunked() if chunked else b""
+        size = int(lengths.pop())
         if size > MAX_BODY_BYTES:
             self.close_connection = True
             raise ProxyError(413, "request_too_large", "request body over %d bytes" % MAX_BODY_BYTES)
@@ -2510,11 +2538,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _read_chunked(self) -> bytes:
         parts, total = [], 0
         while True:
-            try:
-                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-            except ValueError:
+            size_text = self.rfile.readline(64).split(b";", 1)[0].strip()
+            if not HEX_DIGITS.match(size_text):
                 self.close_connection = True
-                raise _invalid("malformed chunked request body") from None
+                raise _invalid("malformed chunked request body")
+            size = int(size_text, 16)
             if size == 0:
                 while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                     pass
@@ -2577,6 +2605,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.status = code
         super().send_response(code, message)
 
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own errors (bad request line, unknown method, headers too long) in
+        Anthropic's shape; an unknown method is the client's mistake, not a 501 to retry."""
+        status = 405 if code == 501 else code
+        self.close_connection = True
+        self.request_id = getattr(self, "request_id", None) or new_id("req_")
+        error_type = {404: "not_found_error", 413: "request_too_large"}.get(status, "invalid_request_error")
+        text = message or http.server.BaseHTTPRequestHandler.responses.get(status, ("error",))[0]
+        payload = dict(error_body(error_type, text), request_id=self.request_id)
+        try:
+            self._send_json(status, payload, {"Connection": "close", "x-should-retry": "false"})
+        except OSError:
+            pass
+
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         pass                                   # the access log line is ours (_access_log)
 
@@ -2638,7 +2680,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if stream:
             ctx = dataclasses.replace(ctx, input_tokens=estimate[0] if estimate else estimate_tokens(request))
         try:
-            is_sse = "text/event-stream" in (response.getheader("Content-Type") or "")
+            is_sse = "text/event-stream" in (response.getheader("Content-Type") or "").lower()
             if stream:
                 if is_sse:
                     return self._stream(conn, response, ctx)
@@ -2717,7 +2759,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         usage = completion.get("usage")
         if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
             ctx = dataclasses.replace(ctx, input_tokens=estimate_tokens(self.anthropic_request))
-        return to_anthropic(completion, ctx, lambda: new_id("toolu_"))
+        try:
+            return to_anthropic(completion, ctx, lambda: new_id("toolu_"))
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
+            raise ProxyError(502, "api_error", "upstream answer has an unexpected shape (%s)"
+                             % exc.__class__.__name__) from None
 
     def _start_stream(self) -> None:
         self.send_response(200)
@@ -2758,7 +2804,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 ctx: ResponseContext) -> None:
         """Translate the upstream SSE stream event by event as its chunks arrive."""
         translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
-        writer = SSEWriter(self.wfile, lambda: _close_upstream(conn))
+        writer = SSEWriter(self.wfile, lambda: _shutdown_upstream(conn))
         heartbeat = self.server.heartbeat
         self._start_stream()
         saw_done = False
@@ -2788,6 +2834,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 closing = translator.fail("api_error", "internal proxy error")
                 saw_done = False
             heartbeat.remove(writer)
+            if writer.closed:                  # the heartbeat found the client gone
+                raise ClientGone()
             if closing and closing[-1]["type"] == "error":
                 error = closing[-1]["error"]
                 error["message"] = self.server.redact(error["message"])
@@ -2807,9 +2855,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             heartbeat.remove(writer)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range: %s" % text)
+    return value
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(body, parse_float=_finite, parse_constant=_no_constants)
     except ValueError as exc:
         raise _invalid("request body is not valid JSON: %s" % exc) from None
     except RecursionError:

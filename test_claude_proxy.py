@@ -743,6 +743,33 @@ def test_stream_surrogate_pair_split_across_reasoning_chunks():
     assert cp.is_proxy_signature(thinking["signature"], thinking["thinking"])
 
 
+@pytest.mark.parametrize("chunks", [
+    [chunk({"content": "<"}, "stop")],
+    [chunk({"content": "<think>a</thi"}), chunk({}, "stop")],
+    [chunk(tool_delta(0, '{"a":', "c1", "A")), chunk({"content": "hi"}), chunk({}, "stop")],
+])
+def test_stream_end_closes_every_block_it_opens(chunks):
+    run_translator(chunks)      # the grammar check inside fails on a block left open
+
+
+@pytest.mark.parametrize("chunks", [
+    [chunk(tool_delta(0, '{"command": "ls', "c1", "Bash")), chunk({}, "length")],
+    [chunk(tool_delta(0, '{"a":1}', "c1", "A")), chunk(tool_delta(0, '{"a":1}')), chunk({}, "tool_calls")],
+    [chunk(tool_delta(0, "[1]", "c1", "A")), chunk({}, "tool_calls")],
+])
+def test_stream_tool_input_that_is_not_a_json_object_ends_in_an_error(chunks):
+    events = run_translator(chunks)
+    assert events[-1]["type"] == "error" and "not a complete JSON object" in events[-1]["error"]["message"]
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens_details": "x"}, {"prompt_tokens_details": {"cached_tokens": "3"}},
+                                   {"prompt_tokens": "7", "completion_tokens": [1]}, {"completion_tokens": -1}])
+def test_odd_usage_values_are_ignored_not_fatal(usage):
+    assert run_translator([chunk({"content": "x"}, "stop", usage=usage)])[-1] == {"type": "message_stop"}
+    message = cp.to_anthropic(completion({"content": "x"}, usage=usage), CTX, ids())
+    assert all(isinstance(v, int) and v >= 0 for v in message["usage"].values())
+
+
 def test_stream_late_id_is_adopted_not_a_second_call():
     events = run_translator([chunk(tool_delta(0, None, None, "Bash")), chunk(tool_delta(0, '{"command":"ls"}', "call_1")),
                              chunk({}, "tool_calls")])
@@ -1095,6 +1122,7 @@ NEGOTIATION_CASES = [
     ("input alone too long: nothing to fix", "This model's maximum context length is 32768 tokens and your request "
      "has 40000 input tokens", None, None, False),
     ("unrelated 400", "Invalid 'messages[2].tool_calls': empty array.", None, None, False),
+    ("absurd number", "max_tokens must be less than or equal to `%s`" % ("9" * 5000), None, None, False),
 ]
 
 
@@ -1752,7 +1780,7 @@ def test_e2e_ping_while_upstream_is_silent(upstream):
         stop_proxy(server)
 
 
-def test_e2e_client_going_away_closes_the_upstream_request(upstream):
+def test_e2e_client_going_away_closes_the_upstream_request(upstream, caplog):
     upstream_saw_close = threading.Event()
     client_left = threading.Event()
     server = start_proxy(upstream.url, ping_interval=0.05)
@@ -1779,6 +1807,10 @@ def test_e2e_client_going_away_closes_the_upstream_request(upstream):
         sock.close()
         client_left.set()
         assert upstream_saw_close.wait(10), "upstream connection stayed open after the client left"
+        upstream.script.append(json_text("next"))
+        assert Client(server).json("POST", "/v1/messages", req())[0] == 200
+        assert "unexpected error" not in caplog.text
+        assert "stream ended before" not in caplog.text, "the client left; the upstream did nothing wrong"
     finally:
         client_left.set()
         stop_proxy(server)
@@ -1955,6 +1987,69 @@ def test_e2e_deeply_nested_body_is_400(proxy):
     assert response.status == 400 and json.loads(payload)["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("body", [
+    {"choices": [{}], "usage": 1.5}, {"choices": [{"finish_reason": [1], "message": {"content": "x"}}]},
+    {"choices": [{"message": {"tool_calls": 5, "content": [{"text": 5}]}}]}, {"choices": [{"message": "x"}]},
+])
+def test_e2e_odd_upstream_answers_never_500(upstream, proxy, body, caplog):
+    upstream.script.append(json_reply(body))
+    status, _, payload = Client(proxy).json("POST", "/v1/messages", req())
+    assert status in (200, 502), payload
+    assert payload["type"] in ("message", "error") and "unexpected error" not in caplog.text
+
+
+def test_e2e_uppercase_event_stream_content_type(upstream, proxy):
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "Text/Event-Stream; charset=utf-8")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        send_parts(handler, [sse_data(chunk({"content": "ok"}, "stop")), b"data: [DONE]\n\n"])
+        handler.wfile.write(b"0\r\n\r\n")
+    upstream.script.append(respond)
+    assert cp.assemble_message(Client(proxy).stream(req()))["content"][0]["text"] == "ok"
+
+
+def test_e2e_nan_and_infinity_are_not_json(upstream, proxy):
+    for raw in (b'{"model":"m","max_tokens":5,"temperature":NaN,"messages":[{"role":"user","content":"x"}]}',
+                b'{"model":"m","max_tokens":5,"temperature":1e400,"messages":[{"role":"user","content":"x"}]}'):
+        response, payload = Client(proxy).call("POST", "/v1/messages", raw)
+        assert response.status == 400, payload
+    assert upstream.requests == []
+
+
+def test_e2e_body_nested_too_deep_to_re_encode_is_400(upstream, proxy, monkeypatch, caplog):
+    # json.loads accepts a depth that re-encoding the request (deeper in the stack) cannot.
+    def too_deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    monkeypatch.setattr(cp, "describe_request", too_deep)
+    response, payload = Client(proxy).call("POST", "/v1/messages", json.dumps(req()).encode())
+    assert response.status == 400 and "nested too deeply" in json.loads(payload)["error"]["message"]
+
+
+def test_e2e_client_leaving_before_the_answer_is_no_error(upstream, proxy, caplog):
+    client_left = threading.Event()
+
+    def slow(handler, body):
+        client_left.wait(10)
+        json_text("too late")(handler, body)
+
+    upstream.script.append(slow)
+    sock = socket.create_connection(proxy.server_address[:2], timeout=10)
+    body = json.dumps(req()).encode()
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    while not upstream.requests:
+        client_left.wait(0.01)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()                               # a reset, like a killed client
+    client_left.set()
+    upstream.script.append(json_text("next"))
+    assert Client(proxy).json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "next"
+    assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
+
+
 def test_e2e_error_inside_a_200_body_keeps_its_status(upstream, proxy):
     upstream.script.append(json_reply({"error": {"code": 429, "message": "busy"}}))
     status, _, payload = Client(proxy).json("POST", "/v1/messages", req())
@@ -1980,15 +2075,37 @@ def test_e2e_fields_of_the_wrong_type_are_400_not_500(upstream, proxy, body):
     assert headers["x-should-retry"] == "false" and upstream.requests == []
 
 
-@pytest.mark.parametrize("head", [b"Content-Length: -1\r\n", b"Transfer-Encoding: chunked\r\n"])
-def test_e2e_bad_request_framing_is_400(proxy, head):
+@pytest.mark.parametrize("head,body", [
+    (b"Content-Length: -1\r\n", b"zz"), (b"Content-Length: +2\r\n", b"{}"), (b"Content-Length: 1_0\r\n", b"{}"),
+    (b"Content-Length: 2\r\nContent-Length: 3\r\n", b"{}"),
+    (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", b"{}"),
+    (b"Transfer-Encoding: chunked\r\n", b"zz\r\n"), (b"Transfer-Encoding: chunked\r\n", b"-5\r\n{}\r\n0\r\n\r\n"),
+    (b"Transfer-Encoding: chunked\r\n", b"-1\r\n{}\r\n0\r\n\r\n"), (b"Transfer-Encoding: chunked\r\n", b"\r\n"),
+])
+def test_e2e_bad_request_framing_is_400(proxy, head, body):
     sock = socket.create_connection(proxy.server_address[:2], timeout=10)
-    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" + head + b"\r\nzz\r\n")
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n" + body)
     answer = b""
     while b"\r\n\r\n" not in answer:
         answer += sock.recv(65536)
     sock.close()
     assert answer.startswith(b"HTTP/1.1 400")
+
+
+@pytest.mark.parametrize("request_line,status", [(b"FOO / HTTP/1.1", 405), (b"post /v1/messages HTTP/1.1", 405),
+                                                 (b"GET /" + b"a" * 70000 + b" HTTP/1.1", 414)])
+def test_e2e_http_level_errors_are_anthropic_shaped(proxy, request_line, status):
+    sock = socket.create_connection(proxy.server_address[:2], timeout=10)
+    sock.sendall(request_line + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    answer = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        answer += data
+    sock.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status) and json.loads(payload)["type"] == "error"
 
 
 def test_e2e_either_auth_header_may_carry_the_key(upstream):
