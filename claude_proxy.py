@@ -889,8 +889,8 @@ def split_signature(call_id: str) -> Tuple[str, Optional[str]]:
         return base, None
 
 
-def _upstream_call_id(call_id: str, dialect: Dialect) -> str:
-    base = split_signature(call_id)[0]
+def _upstream_call_id(base: str, dialect: Dialect) -> str:
+    """The id as this upstream takes it, from the id without a carried signature."""
     if dialect.short_tool_ids:
         return short_tool_id(base)
     return base if len(base) <= MAX_TOOL_ID_LENGTH else "call_" + _hashed_id(base, 24)
@@ -906,14 +906,14 @@ def adapt_messages(messages: List[Dict[str, Any]], dialect: Dialect) -> List[Dic
         if role == "assistant" and message.get("tool_calls"):
             calls = []
             for call in message["tool_calls"]:
-                signature = split_signature(call["id"])[1]
-                call = dict(call, id=_upstream_call_id(call["id"], dialect))
+                base, signature = split_signature(call["id"])
+                call = dict(call, id=_upstream_call_id(base, dialect))
                 if dialect.thought_signatures:
                     call["extra_content"] = {"google": {"thought_signature": signature or GEMINI_SKIP_SIGNATURE}}
                 calls.append(call)
             message = dict(message, tool_calls=calls)
         elif role == "tool":
-            upstream_id = _upstream_call_id(message["tool_call_id"], dialect)
+            upstream_id = _upstream_call_id(split_signature(message["tool_call_id"])[0], dialect)
             if upstream_id != message["tool_call_id"]:
                 message = dict(message, tool_call_id=upstream_id)
         elif role == "user" and not dialect.accepts_pdf and isinstance(message["content"], list) and any(
@@ -1381,7 +1381,6 @@ class StreamTranslator:
         self.calls_by_key: Dict[str, _ToolCall] = {}
         self.waiting: List[_ToolCall] = []         # calls not yet opened
         self.deferred: List[Tuple[str, str]] = []  # text/reasoning held while a call is incomplete
-        self.emitted_calls = 0
         self.finish_reason: Optional[str] = None
         self.matched_stop: Any = None
         self.usage: Optional[Dict[str, Any]] = None
@@ -1468,7 +1467,7 @@ class StreamTranslator:
                 return self.fail("api_error", "upstream sent tool call %s arguments that are not a "
                                  "complete JSON object" % call.id)
         stop_reason, stop_sequence = stop_reason_for(
-            self.finish_reason, self.emitted_calls > 0, self.text_tail, self.ctx.stop_sequences,
+            self.finish_reason, any(c.block is not None for c in self.calls), self.text_tail, self.ctx.stop_sequences,
             self.matched_stop)
         usage = usage_to_anthropic(self.usage, self.ctx.input_tokens)
         if not self.usage or _count(self.usage.get("completion_tokens")) is None:
@@ -1674,7 +1673,6 @@ class StreamTranslator:
         call.block = self._open("tool", {"type": "tool_use", "id": call.id, "name": call.name,
                                          "input": {}}, events)
         self.current = call
-        self.emitted_calls += 1
         if call.pending:
             self._send_arguments(call, "".join(call.pending), events)
             call.pending = []
