@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import select
+import signal
 import socket
 import ssl
 import sys
@@ -89,6 +90,14 @@ class Settings:
     request_timeout: float = _setting(
         600.0, "REQUEST_TIMEOUT", "seconds to wait for the upstream to answer or send more")
     connect_timeout: float = _setting(10.0, "CONNECT_TIMEOUT", "seconds to open an upstream connection")
+    max_request_bytes: int = _setting(
+        32 * 1024 * 1024, "MAX_REQUEST_BYTES", "largest request body accepted (413 above it)")
+    max_concurrency: int = _setting(
+        256, "MAX_CONCURRENCY", "requests handled at once; more get 529 overloaded_error (and "
+        "connections beyond twice this many are refused the same way)")
+    shutdown_grace: float = _setting(
+        30.0, "SHUTDOWN_GRACE", "seconds SIGTERM/SIGINT waits for requests in flight (a second signal "
+        "exits at once)")
     ping_interval: float = _setting(
         5.0, "PING_INTERVAL", "seconds of upstream silence before a stream gets a ping")
     provider: str = _setting(
@@ -2113,7 +2122,12 @@ class UpstreamPool:
                                          urllib.parse.unquote(self.proxy.password or ""))
                 headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
             conn.set_tunnel(self.host, self.port, headers)
-        conn.connect()
+        try:
+            conn.connect()
+        except socket.timeout:
+            conn.close()
+            raise ProxyError(504, "timeout_error", "could not connect to upstream %s within %gs "
+                             "(CONNECT_TIMEOUT)" % (self.origin, self.connect_timeout)) from None
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.settimeout(self.read_timeout)
         return conn
@@ -2145,10 +2159,10 @@ class UpstreamPool:
             conn.close()
 
     def post(self, path: str, body: bytes, headers: Dict[str, str],
-             while_waiting: Optional[Callable[[], None]] = None
+             on_sent: Optional[Callable[[http.client.HTTPConnection], None]] = None
              ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a POST and read the status line and headers. Raises ProxyError.
-        `while_waiting` runs once the request is sent, while the upstream works on it."""
+        `on_sent(conn)` runs each time the request is sent, while the upstream works on it."""
         target = self.url_path(path)
         for attempt in (1, 2):
             conn = None
@@ -2156,9 +2170,8 @@ class UpstreamPool:
             try:
                 conn, reused = self._acquire(fresh=attempt == 2)
                 conn.request("POST", target, body=body, headers=headers)
-                if while_waiting is not None:
-                    while_waiting()
-                    while_waiting = None
+                if on_sent is not None:
+                    on_sent(conn)
                 return conn, conn.getresponse()
             except STALE_CONNECTION_ERRORS as exc:
                 if conn is not None:
@@ -2203,7 +2216,8 @@ def describe_fix(fix: ModelFixes) -> str:
 
 def transport_error(exc: BaseException, origin: str) -> ProxyError:
     if isinstance(exc, socket.timeout):
-        return ProxyError(504, "timeout_error", "upstream %s did not answer in time" % origin)
+        return ProxyError(504, "timeout_error", "upstream %s sent nothing for longer than "
+                          "REQUEST_TIMEOUT allows" % origin)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ProxyError(502, "api_error", "TLS certificate of %s not trusted (%s); set SSL_CERT_FILE "
                           "to your CA bundle" % (origin, exc.verify_message))
@@ -2242,7 +2256,6 @@ def iter_sse_data(lines: Iterable[bytes], origin: str = "upstream") -> Iterator[
 # HTTP server
 # =============================================================================================
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
 DIGITS = re.compile(r"[0-9]{1,12}\Z")
 HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,12}\Z")
 DRAIN_TIMEOUT = 1.0      # seconds to read the end of an upstream body after [DONE]
@@ -2316,42 +2329,101 @@ class SSEWriter:
 
 
 PING_BYTES = encode_sse({"type": "ping"})
+MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)   # (Windows: poll said readable, so no wait)
+
+
+class Watched:
+    """A request in flight as the heartbeat sees it: the client's socket, the upstream
+    connection working for it, and the stream writer if it streams."""
+
+    __slots__ = ("client", "upstream", "writer", "gone")
+
+    def __init__(self, client: socket.socket, upstream: http.client.HTTPConnection,
+                 writer: Optional[SSEWriter]) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.writer = writer
+        self.gone = False
 
 
 class Heartbeat:
-    """One thread for all streams: a ping to every stream the upstream has left silent for
-    `interval` seconds, so idle timeouts between the client and us do not fire while a model
-    thinks. A failed ping means the client left: the stream's upstream request is closed."""
+    """One thread for every request in flight. It pings each stream the upstream has left
+    silent for `interval` seconds (so idle timeouts between the client and us do not fire while
+    a model thinks), and it notices within a quarter of a second a client that closed its
+    connection, streaming or waiting for a whole answer: the upstream request is closed at once,
+    so a model stops generating for nobody. It sleeps while nothing is in flight."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.streams: Dict[SSEWriter, None] = {}
-        self.lock = threading.Lock()
+        self.tick = max(min(interval / 4, 0.25), 0.01)
+        self.watched: Dict[Watched, None] = {}
+        self.cond = threading.Condition(threading.Lock())
         self.thread: Optional[threading.Thread] = None
 
-    def add(self, writer: SSEWriter) -> None:
-        with self.lock:
-            self.streams[writer] = None
+    def watch(self, client: socket.socket, upstream: http.client.HTTPConnection,
+              writer: Optional[SSEWriter] = None) -> Watched:
+        entry = Watched(client, upstream, writer)
+        with self.cond:
+            self.watched[entry] = None
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
                 self.thread.start()
+            elif len(self.watched) == 1:
+                self.cond.notify()
+        return entry
 
-    def remove(self, writer: SSEWriter) -> None:
-        with self.lock:
-            self.streams.pop(writer, None)
+    def unwatch(self, entry: Optional[Watched]) -> None:
+        if entry is not None:
+            with self.cond:
+                self.watched.pop(entry, None)
 
     def _run(self) -> None:
-        tick = max(min(self.interval / 4, 1.0), 0.01)
         while True:
-            time.sleep(tick)
-            with self.lock:
-                if not self.streams:
-                    self.thread = None           # the next stream starts a new one
-                    return
-                streams = list(self.streams)
+            with self.cond:
+                while not self.watched:
+                    self.cond.wait()
+            time.sleep(self.tick)
+            with self.cond:
+                entries = list(self.watched)
             now = time.monotonic()
-            for writer in streams:
-                writer.ping_if_idle(now, self.interval)
+            for entry in entries:
+                if entry.writer is not None:
+                    entry.writer.ping_if_idle(now, self.interval)
+            self._find_gone(entries)
+
+    def _find_gone(self, entries: List[Watched]) -> None:
+        poller = select.poll() if hasattr(select, "poll") else None
+        by_fd = {}
+        for entry in entries:
+            fd = entry.client.fileno()
+            if fd >= 0:
+                by_fd[fd] = entry
+                if poller is not None:
+                    poller.register(fd, select.POLLIN)
+        if not by_fd:
+            return
+        try:
+            ready = [fd for fd, _ in poller.poll(0)] if poller is not None else \
+                select.select(list(by_fd), [], [], 0)[0]
+        except (OSError, ValueError):
+            return
+        for fd in ready:
+            entry = by_fd[fd]
+            with self.cond:         # still in flight: its socket and upstream are its own
+                if entry not in self.watched:
+                    continue
+                try:
+                    left = entry.client.recv(1, socket.MSG_PEEK | MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    left = False
+                except OSError:
+                    left = True
+                if left:            # (readable with data: the client sent more; not gone)
+                    entry.gone = True
+                    if entry.writer is not None:
+                        entry.writer.closed = True
+                    _shutdown_upstream(entry.upstream)
+                    del self.watched[entry]
 
 
 def _shutdown_upstream(conn: http.client.HTTPConnection) -> None:
@@ -2390,6 +2462,17 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+def _overloaded_response() -> bytes:
+    body = json_bytes(error_body("overloaded_error", "the proxy has too many connections open; "
+                                 "retry shortly (MAX_CONCURRENCY)"))
+    return (b"HTTP/1.1 529 Overloaded\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body))
+
+
+OVERLOADED_RESPONSE = _overloaded_response()
+LINGER_SECONDS = 2.0     # reading what a refused client still sends, so it sees our answer
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -2413,6 +2496,15 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         elif key:
             self.upstream_headers["Authorization"] = "Bearer " + key
         self.heartbeat = Heartbeat(settings.ping_interval)
+        # Requests in flight are capped (MAX_CONCURRENCY), and so are connections, each of
+        # which holds a thread: twice as many, since kept-alive connections sit idle between
+        # requests. Beyond either cap the answer is 529 overloaded_error, which clients retry.
+        self.slots = threading.BoundedSemaphore(max(settings.max_concurrency, 1))
+        self.max_connections = 2 * max(settings.max_concurrency, 1)
+        self.handlers: Dict[Handler, None] = {}
+        self.open_connections = 0
+        self.connections_lock = threading.Lock()
+        self.draining = False
         # Placeholder keys ("ollama", "none", "lm-studio") are ordinary words, not secrets: a
         # real key is long, and only long strings are masked in messages and logs.
         self.secrets = tuple(s for s in (settings.openai_api_key, settings.anthropic_api_key) if len(s) >= 12)
@@ -2426,6 +2518,63 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         log.removeFilter(self.log_filter)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An exception that escaped a connection's handler: one log line (through the
+        redacting filter), never socketserver's traceback on stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):        # the client reset or stalled between requests
+            log.debug("connection from %s ended: %r", client_address[0], exc)
+        else:
+            log.exception("unexpected error on a connection from %s", client_address[0])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            full = self.open_connections >= self.max_connections
+            if not full:
+                self.open_connections += 1
+        if full:
+            log.warning("%d connections open (twice MAX_CONCURRENCY): one more refused with 529",
+                        self.max_connections)
+            try:
+                request.setblocking(False)
+                request.send(OVERLOADED_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:               # no thread could be started
+            self._connection_done()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_done()
+
+    def _connection_done(self) -> None:
+        with self.connections_lock:
+            self.open_connections -= 1
+
+    def drain(self, grace: float) -> bool:
+        """After the listening socket is closed: close kept-alive connections as they fall
+        idle and wait up to `grace` seconds for requests in flight. True if all finished."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while True:
+            with self.connections_lock:
+                handlers = list(self.handlers)
+                if not self.open_connections:
+                    return True
+            for handler in handlers:
+                if not handler.busy:
+                    handler.hang_up()
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def dialect_for(self, model: str) -> Dialect:
         dialect = self.dialects.get(model)
@@ -2462,7 +2611,53 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # A client that stops reading (or sits idle on a kept-alive connection) frees its
         # thread after this long instead of holding it forever.
         self.timeout = self.server.settings.request_timeout
+        self.busy = False
+        self.linger = False
         super().setup()
+        with self.server.connections_lock:
+            self.server.handlers[self] = None
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.handlers.pop(self, None)
+        try:
+            super().finish()
+        except OSError:
+            pass
+        if self.linger:
+            self._linger()
+
+    def _linger(self) -> None:
+        """We answered before reading the whole request (413, a refused header): read and drop
+        what the client still sends for a moment, so that closing does not reset the
+        connection and destroy our answer before the client reads it."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.connection.settimeout(remaining)
+                if not self.connection.recv(262144):
+                    return
+        except OSError:
+            pass
+
+    def hang_up(self) -> None:
+        """Close an idle kept-alive connection (from another thread: shutting down)."""
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def handle_expect_100(self) -> bool:
+        length = (self.headers.get("Content-Length") or "").strip()
+        if DIGITS.match(length) and int(length) > self.server.settings.max_request_bytes:
+            self.send_error(413, "request body over %d bytes (MAX_REQUEST_BYTES)"
+                            % self.server.settings.max_request_bytes)
+            return False
+        return super().handle_expect_100()
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -2488,23 +2683,41 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch("OPTIONS")
 
     def _dispatch(self, method: str) -> None:
+        self.busy = True
         self.started = time.monotonic()
         self.request_id = new_id("req_")
         self.response_started = False
         self.upstream_released = False
+        self.watch: Optional[Watched] = None
         self.status: Any = "-"
         self.log_note = ""
         path = self.path.split("?", 1)[0]
+        if path.startswith(("http://", "https://")):   # absolute form: only the path counts
+            path = urllib.parse.urlsplit(path).path
+        server = self.server
         try:
             body = self._read_body()
             route = ROUTES.get((method, path))
             if route is None and method in ("GET", "HEAD") and path.startswith("/v1/models/"):
                 route = Handler.get_model
             if route is None:
+                if path in ROUTE_METHODS:
+                    raise ProxyError(405, "invalid_request_error", "%s %s: use %s" % (
+                        method, path, " or ".join(ROUTE_METHODS[path])), {"Allow": ", ".join(ROUTE_METHODS[path])})
                 raise ProxyError(404, "not_found_error", "%s %s is not an endpoint of this proxy" % (method, path))
             if path.startswith("/v1/"):
                 self._check_auth()
-            route(self, body)
+            if route is Handler.messages:
+                if not server.slots.acquire(blocking=False):
+                    raise ProxyError(529, "overloaded_error", "the proxy is handling %d requests already; "
+                                     "retry shortly (MAX_CONCURRENCY)" % server.settings.max_concurrency)
+                try:
+                    route(self, body)
+                finally:
+                    server.slots.release()
+                    server.heartbeat.unwatch(self.watch)
+            else:
+                route(self, body)
         except ProxyError as err:
             self._send_error(err)
         except (ClientGone, ConnectionError, socket.timeout):   # the client left, or stopped reading
@@ -2515,6 +2728,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Exception:  # a bug: log it whole, keep serving, answer in Anthropic's shape
             log.exception("unexpected error handling %s %s", method, path)
             self._send_error(ProxyError(500, "api_error", "internal proxy error"))
+        if server.draining:
+            self.close_connection = True
+        self.busy = False
         self._access_log(method, path)
 
     def _read_body(self) -> bytes:
@@ -2528,10 +2744,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not lengths:
             return self._read_chunked() if chunked else b""
         size = int(lengths.pop())
-        if size > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise ProxyError(413, "request_too_large", "request body over %d bytes" % MAX_BODY_BYTES)
+        if size > self.server.settings.max_request_bytes:
+            self.close_connection = self.linger = True
+            raise self._too_large()
         return self.rfile.read(size)
+
+    def _too_large(self) -> ProxyError:
+        return ProxyError(413, "request_too_large", "request body over %d bytes (MAX_REQUEST_BYTES)"
+                          % self.server.settings.max_request_bytes)
 
     def _read_chunked(self) -> bytes:
         parts, total = [], 0
@@ -2546,9 +2766,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     pass
                 return b"".join(parts)
             total += size
-            if total > MAX_BODY_BYTES:
-                self.close_connection = True
-                raise ProxyError(413, "request_too_large", "request body over %d bytes" % MAX_BODY_BYTES)
+            if total > self.server.settings.max_request_bytes:
+                self.close_connection = self.linger = True
+                raise self._too_large()
             parts.append(self.rfile.read(size))
             self.rfile.readline()
 
@@ -2574,12 +2794,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("request-id", self.request_id)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.server.draining:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.response_started = True
         if self.command != "HEAD":
             self.wfile.write(body)
 
     def _send_error(self, err: ProxyError) -> None:
+        if self.watch is not None and self.watch.gone:   # our own doing: the client had left
+            self.close_connection = True
+            self.log_note += " client went away"
+            return
         message = self.server.redact(err.message)
         self.log_note = "%s: %s" % (err.error_type, message)
         if self.response_started:
@@ -2607,11 +2833,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """http.server's own errors (bad request line, unknown method, headers too long) in
         Anthropic's shape; an unknown method is the client's mistake, not a 501 to retry."""
         status = 405 if code == 501 else code
-        self.close_connection = True
+        self.close_connection = self.linger = True
         self.request_id = getattr(self, "request_id", None) or new_id("req_")
         error_type = {404: "not_found_error", 413: "request_too_large"}.get(status, "invalid_request_error")
         text = message or http.server.BaseHTTPRequestHandler.responses.get(status, ("error",))[0]
         payload = dict(error_body(error_type, text), request_id=self.request_id)
+        log.info("%s %s %d %s: %s", getattr(self, "command", None) or "-",
+                 (getattr(self, "path", None) or "-")[:100], status, error_type, text)
         try:
             self._send_json(status, payload, {"Connection": "close", "x-should-retry": "false"})
         except OSError:
@@ -2672,9 +2900,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.log_note = "%s -> %s%s" % (request["model"], model, " stream" if stream else "")
         self.anthropic_request = request
         estimate: List[int] = []
-        # message_start carries an input estimate: made while the upstream reads the request.
-        conn, response = self._post_upstream(
-            openai_request, (lambda: estimate.append(estimate_tokens(request))) if stream else None)
+
+        def on_sent(conn: http.client.HTTPConnection) -> None:
+            # From here the heartbeat watches for the client leaving while the upstream works.
+            server.heartbeat.unwatch(self.watch)
+            self.watch = server.heartbeat.watch(self.connection, conn)
+            if stream and not estimate:
+                # message_start carries an input estimate: made while the upstream reads.
+                estimate.append(estimate_tokens(request))
+
+        conn, response = self._post_upstream(openai_request, on_sent)
         if stream:
             ctx = dataclasses.replace(ctx, input_tokens=estimate[0] if estimate else estimate_tokens(request))
         try:
@@ -2699,7 +2934,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.upstream_released:
                 conn.close()
 
-    def _post_upstream(self, openai_request: Dict[str, Any], while_waiting: Optional[Callable[[], None]] = None
+    def _post_upstream(self, openai_request: Dict[str, Any],
+                       on_sent: Callable[[http.client.HTTPConnection], None]
                        ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """POST the request; an answer other than 200 becomes a ProxyError. When the upstream
         answers 400 naming a parameter or a limit the model cannot take, the request is fixed
@@ -2712,8 +2948,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("upstream request: %s", describe_request(openai_request))
             conn, response = server.pool.post(server.chat_path, json_bytes(openai_request),
-                                              server.upstream_headers, while_waiting)
-            while_waiting = None
+                                              server.upstream_headers, on_sent)
             if response.status == 200:
                 self.upstream_released = False
                 if learned is not None:          # remembered only once the fix worked
@@ -2739,6 +2974,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- upstream answer --------------------------------------------------------------------
 
     def _release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        self.server.heartbeat.unwatch(self.watch)      # before the connection serves another
         if response.isclosed() and not response.will_close and conn.sock is not None:
             self.upstream_released = True
             self.server.pool.release(conn)
@@ -2770,6 +3006,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Accel-Buffering", "no")
         self.send_header("request-id", self.request_id)
+        if self.server.draining:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.response_started = True
 
@@ -2808,7 +3046,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         saw_done = False
         try:
             writer.write(translator.start())
-            heartbeat.add(writer)
+            if self.watch is not None:
+                self.watch.writer = writer       # pings from now on
             closing: List[Dict[str, Any]] = []
             try:
                 for data in iter_sse_data(response, self.server.pool.origin):
@@ -2831,7 +3070,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 log.exception("unexpected error translating the upstream stream")
                 closing = translator.fail("api_error", "internal proxy error")
                 saw_done = False
-            heartbeat.remove(writer)
+            heartbeat.unwatch(self.watch)
             if writer.closed:                  # the heartbeat found the client gone
                 raise ClientGone()
             if closing and closing[-1]["type"] == "error":
@@ -2850,7 +3089,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.log_note += " client went away"
             _close_upstream(conn)
         finally:
-            heartbeat.remove(writer)
+            heartbeat.unwatch(self.watch)
 
 
 def _finite(text: str) -> float:
@@ -2907,6 +3146,9 @@ ROUTES: Dict[Tuple[str, str], Callable[[Handler, bytes], None]] = {
     ("POST", "/api/event_logging/batch"): Handler.event_logging,
     ("POST", "/api/event_logging/v2/batch"): Handler.event_logging,
 }
+ROUTE_METHODS: Dict[str, List[str]] = {}
+for _method, _path in ROUTES:
+    ROUTE_METHODS.setdefault(_path, []).append(_method)
 
 
 # =============================================================================================
@@ -2960,13 +3202,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     if settings.host not in LOOPBACK_HOSTS and not settings.anthropic_api_key:
         log.warning("listening on %s without ANTHROPIC_API_KEY: anyone who can reach this port can use "
                     "the upstream key; set ANTHROPIC_API_KEY to require a key from clients", settings.host)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
+    return serve_until_signalled(server)
+
+
+def serve_until_signalled(server: ProxyServer) -> int:
+    """Serve until SIGTERM or SIGINT; then stop accepting, let requests in flight finish for
+    up to SHUTDOWN_GRACE seconds, and return 0. A second signal exits at once."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            os._exit(1)
+        stop.set()
+
+    for name in ("SIGTERM", "SIGINT"):
+        signal.signal(getattr(signal, name), on_signal)
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+    while not stop.wait(3600):
         pass
-    finally:
-        server.server_close()
-        server.pool.close()
+    with server.connections_lock:
+        in_flight = sum(1 for handler in server.handlers if handler.busy)
+    log.info("shutting down: no new connections; waiting up to %gs for %d request(s) in flight",
+             server.settings.shutdown_grace, in_flight)
+    server.shutdown()
+    server.socket.close()
+    finished = server.drain(server.settings.shutdown_grace)
+    if not finished:
+        log.warning("shutdown grace period over: requests still in flight were cut")
+    server.server_close()
+    server.pool.close()
     return 0
 
 

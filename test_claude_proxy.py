@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -2137,8 +2138,9 @@ def test_e2e_auth_required_when_configured(upstream):
 
 @pytest.mark.parametrize("method,path,status", [
     ("HEAD", "/", 200), ("GET", "/", 200), ("GET", "/health", 200), ("HEAD", "/health", 200),
-    ("GET", "/v1/messages", 404), ("POST", "/v1/complete", 404), ("GET", "/nope", 404),
-    ("DELETE", "/v1/messages", 404), ("POST", "/api/event_logging/batch", 200), ("HEAD", "/api/hello", 200),
+    ("GET", "/v1/messages", 405), ("POST", "/v1/complete", 404), ("GET", "/nope", 404),
+    ("DELETE", "/v1/messages", 405), ("POST", "/api/event_logging/batch", 200), ("HEAD", "/api/hello", 200),
+    ("POST", "/health", 405), ("GET", "/v1/messages/count_tokens", 405),
 ])
 def test_e2e_routes(proxy, method, path, status):
     client = Client(proxy)
@@ -2146,6 +2148,9 @@ def test_e2e_routes(proxy, method, path, status):
     assert response.status == status
     if status == 404:
         assert json.loads(payload)["error"]["type"] == "not_found_error"
+    if status == 405:
+        assert json.loads(payload)["error"]["type"] == "invalid_request_error"
+        assert response.getheader("Allow") in ("POST", "GET, HEAD")
     assert client.json("GET", "/health")[0] == 200, "connection not kept alive after %s" % path
 
 
@@ -2280,3 +2285,458 @@ def test_command_line_check_masks_keys(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
     assert result.returncode == 0 and b"sk-very-secret" not in result.stdout
     assert b"OPENAI_API_KEY     set (14 characters)" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Never down: bad input, limits, upstream faults, clients leaving, overload, shutdown
+
+def raw_exchange(server, data, read_all=True):
+    """Send raw bytes to the proxy; the whole answer (until it closes) or just the head."""
+    sock = socket.create_connection(server.server_address[:2], timeout=10)
+    try:
+        sock.sendall(data)
+        answer = b""
+        while read_all or b"\r\n\r\n" not in answer:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        return answer
+    finally:
+        sock.close()
+
+
+def answer_status(answer):
+    return int(answer.split(b" ", 2)[1])
+
+
+def answer_json(answer):
+    return json.loads(answer.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"", "not valid JSON"), (b"[]", "JSON object"), (b'"text"', "JSON object"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "m", "messages": "hi"}', "messages"), (b'{"model": "m"}', "messages"),
+    (b'{"model": "m", "messages": [{"role": "robot", "content": "hi"}]}', "role"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', "content"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [5]}]}', "content"),
+    (b'{"model": "m", "messages": [5]}', "message"),
+    (b'{"model": "m", "max_tokens": -1, "messages": [{"role": "user", "content": "hi"}]}', "max_tokens"),
+    (b'{"model": "m", "max_tokens": "ten", "messages": [{"role": "user", "content": "hi"}]}', "max_tokens"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}', "not valid JSON"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]' + b"x", "not valid JSON"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+])
+def test_e2e_each_kind_of_bad_input_is_one_400_and_one_log_line(upstream, proxy, body, message, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    client = Client(proxy)
+    response, payload = client.call("POST", "/v1/messages", body)
+    error = json.loads(payload)
+    assert response.status == 400 and error["type"] == "error", payload
+    assert error["error"]["type"] == "invalid_request_error" and message in error["error"]["message"]
+    assert wait_for(lambda: [r for r in caplog.records if "POST /v1/messages 400" in r.getMessage()])
+    lines = [r for r in caplog.records if "POST /v1/messages 400" in r.getMessage()]
+    assert len(lines) == 1 and "invalid_request_error" in lines[0].getMessage()
+    assert "Traceback" not in caplog.text and not upstream.requests
+    upstream.script.append(json_text("still serving"))
+    assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "still serving"
+
+
+def test_e2e_body_over_the_limit_is_413_from_the_content_length_alone(upstream):
+    with running_proxy(upstream.url, max_request_bytes=1000) as server:
+        answer = raw_exchange(server, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 40000000\r\n\r\n")
+        assert answer_status(answer) == 413 and answer_json(answer)["error"]["type"] == "request_too_large"
+        assert b"MAX_REQUEST_BYTES" in answer
+        # a client that sends its whole body anyway still reads the 413 (no reset)
+        body = b'{"pad": "' + b"x" * 20000000 + b'"}'
+        sock = socket.create_connection(server.server_address[:2], timeout=10)
+
+        send_errors = []
+
+        def send_all():
+            try:
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            except OSError as exc:
+                send_errors.append(exc)
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        sender.join(10)                  # all sent (or refused) before the answer is read
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        sock.close()
+        assert answer_status(head) == 413 and send_errors == [], "the proxy reset a client still sending"
+        # Expect: 100-continue gets the 413 instead of a 100, and the body is never sent
+        answer = raw_exchange(server, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                                      b"Expect: 100-continue\r\n\r\n")
+        assert answer_status(answer) == 413 and b"100 Continue" not in answer
+        assert not upstream.requests
+        upstream.script.append(json_text("small is fine"))
+        assert Client(server).json("POST", "/v1/messages", req())[0] == 200
+
+
+def test_e2e_chunked_request_body_is_accepted(upstream, proxy):
+    upstream.script.append(json_text("chunked ok"))
+    body = json.dumps(req()).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:])) + b"0\r\n\r\n"
+    answer = raw_exchange(proxy, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Connection: close\r\n\r\n" + chunks)
+    assert answer_status(answer) == 200 and answer_json(answer)["content"][0]["text"] == "chunked ok"
+
+
+@pytest.mark.parametrize("headers", [
+    b"".join(b"X-Header-%d: %d\r\n" % (i, i) for i in range(120)), b"X-Long: " + b"a" * 70000 + b"\r\n"])
+def test_e2e_too_many_or_too_large_headers_are_431(proxy, headers, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    answer = raw_exchange(proxy, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    assert answer_status(answer) == 431 and answer_json(answer)["type"] == "error"
+    assert "431" in caplog.text and "Traceback" not in caplog.text
+    assert Client(proxy).json("GET", "/health")[0] == 200
+
+
+def test_e2e_absolute_request_target_and_host_header_cannot_change_the_upstream(upstream, proxy):
+    upstream.script.append(json_text("the configured upstream"))
+    body = json.dumps(req()).encode()
+    answer = raw_exchange(proxy, b"POST http://169.254.169.254/v1/messages HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+                                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert answer_status(answer) == 200 and answer_json(answer)["content"][0]["text"] == "the configured upstream"
+    assert len(upstream.requests) == 1
+
+
+def test_e2e_connect_timeout_is_504_and_names_its_setting(upstream):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)                  # never accepts: once its queue is full, connects hang
+    fillers = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        url = "http://127.0.0.1:%d/v1" % listener.getsockname()[1]
+        with running_proxy(url, connect_timeout=0.3) as server:
+            status, _, payload = Client(server).json("POST", "/v1/messages", req())
+        assert status == 504 and payload["error"]["type"] == "timeout_error"
+        assert "CONNECT_TIMEOUT" in payload["error"]["message"]
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def test_e2e_stream_silent_longer_than_the_read_timeout_ends_in_an_error_event(upstream):
+    release = threading.Event()
+
+    def stall(handler, body):
+        begin_sse(handler)
+        send_parts(handler, [sse_data(chunk({"content": "one"}))])
+        release.wait(10)
+        handler.close_connection = True
+
+    upstream.script.append(stall)
+    try:
+        with running_proxy(upstream.url, request_timeout=0.3) as server:
+            response, payload = Client(server).call("POST", "/v1/messages", dict(req(), stream=True))
+        events = check_stream(parse_sse(payload))
+        assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "timeout_error"
+        assert "REQUEST_TIMEOUT" in events[-1]["error"]["message"]
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("status,body,status_out", [
+    (200, b"<html><body><h1>Sign in to the corporate gateway</h1></body></html>", 502),
+    (502, b"<html><head><title>502 Bad Gateway</title></head><body><center>nginx</center></body></html>", 502),
+])
+def test_e2e_gateway_html_is_502_with_a_short_excerpt(upstream, proxy, status, body, status_out):
+    def html(handler, _):
+        handler.send_response(status)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    upstream.script.append(html)
+    code, _, payload = Client(proxy).json("POST", "/v1/messages", req())
+    message = payload["error"]["message"]
+    assert code == status_out and payload["error"]["type"] == "api_error"
+    assert ("Sign in to the corporate gateway" in message or "502 Bad Gateway" in message) and "<" not in message
+
+
+def test_e2e_upstream_that_reads_the_request_then_hangs_up_is_not_replayed(upstream, proxy):
+    def hang_up(handler, body):
+        handler.close_connection = True
+
+    upstream.script.append(hang_up)
+    status, _, payload = Client(proxy).json("POST", "/v1/messages", req())
+    assert status == 502 and len(upstream.requests) == 1, "a request the upstream received was sent again"
+
+
+def wait_for(condition, timeout=10.0):
+    """Wait (polling) until condition() is true; False if it never was."""
+    deadline = threading.Event()
+    timer = threading.Timer(timeout, deadline.set)
+    timer.start()
+    try:
+        while not condition():
+            if deadline.wait(0.02):
+                return condition()
+        return True
+    finally:
+        timer.cancel()
+
+
+def held_upstream(upstream, answer, started=None):
+    """A responder that waits for `release` before answering (`started` is set when it is called)."""
+    release = threading.Event()
+
+    def respond(handler, body):
+        if started is not None:
+            started.set()
+        release.wait(10)
+        answer(handler, body)
+
+    return respond, release
+
+
+def test_e2e_client_leaving_a_non_stream_request_closes_the_upstream_request(upstream, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    closed = threading.Event()
+
+    def watch_proxy(handler, body):
+        note_when_proxy_closes(handler, closed)
+        handler.close_connection = True
+
+    upstream.script.append(watch_proxy)
+    with running_proxy(upstream.url, ping_interval=30) as server:
+        sock = socket.create_connection(server.server_address[:2], timeout=10)
+        body = json.dumps(req()).encode()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: upstream.requests)
+        sock.close()
+        assert closed.wait(3), "the upstream kept working for a client that had left"
+        assert wait_for(lambda: "client went away" in caplog.text)
+        upstream.script.append(json_text("next"))
+        assert Client(server).json("POST", "/v1/messages", req())[0] == 200
+    assert "Traceback" not in caplog.text and "upstream answered" not in caplog.text
+
+
+def test_e2e_client_leaving_a_silent_stream_closes_the_upstream_without_waiting_for_a_ping(upstream):
+    closed = threading.Event()
+
+    def respond(handler, body):
+        begin_sse(handler)
+        send_parts(handler, [sse_data(chunk({"content": "thinking hard"}))])
+        note_when_proxy_closes(handler, closed)
+        handler.close_connection = True
+
+    upstream.script.append(respond)
+    with running_proxy(upstream.url, ping_interval=30) as server:
+        sock = socket.create_connection(server.server_address[:2], timeout=10)
+        body = json.dumps(req(stream=True)).encode()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while b"thinking hard" not in received:
+            received += sock.recv(65536)
+        sock.close()
+        assert closed.wait(3), "the upstream stream stayed open after the client left"
+
+
+def resource_counts():
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_e2e_fifty_abandoned_streams_leave_no_thread_or_descriptor_behind(upstream):
+    with running_proxy(upstream.url, ping_interval=0.05) as server:
+        Client(server).stream(req())            # the heartbeat and pool exist before the baseline
+        assert wait_for(lambda: server.open_connections == 0)
+        before = resource_counts()
+        for i in range(50):
+            gone = threading.Event()
+
+            def respond(handler, body, gone=gone):
+                begin_sse(handler)
+                send_parts(handler, [sse_data(chunk({"content": "partial"}))])
+                note_when_proxy_closes(handler, gone)
+                handler.close_connection = True
+
+            upstream.script.append(respond)
+            sock = socket.create_connection(server.server_address[:2], timeout=10)
+            body = json.dumps(req(stream=True)).encode()
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            received = b""
+            while b"partial" not in received:
+                received += sock.recv(65536)
+            sock.close()
+            assert gone.wait(5)
+        assert wait_for(lambda: server.open_connections == 0 and resource_counts() <= before), \
+            (before, resource_counts())
+
+
+def test_e2e_requests_beyond_max_concurrency_get_529_and_the_rest_finish(upstream):
+    started = [threading.Event(), threading.Event()]
+    held = [held_upstream(upstream, json_text("held %d" % i), started[i]) for i in range(2)]
+    upstream.script.extend(respond for respond, _ in held)
+    with running_proxy(upstream.url, max_concurrency=2) as server:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(Client(server).json("POST", "/v1/messages", req())))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        assert started[0].wait(10) and started[1].wait(10)
+        status, headers, payload = Client(server).json("POST", "/v1/messages", req())
+        assert status == 529 and payload["error"]["type"] == "overloaded_error"
+        assert "MAX_CONCURRENCY" in payload["error"]["message"] and "x-should-retry" not in headers
+        for _, release in held:
+            release.set()
+        for thread in threads:
+            thread.join(10)
+        assert sorted(r[0] for r in results) == [200, 200]
+        upstream.script.append(json_text("room again"))
+        assert Client(server).json("POST", "/v1/messages", req())[0] == 200
+
+
+def test_e2e_connections_beyond_twice_max_concurrency_are_refused_with_529(upstream):
+    with running_proxy(upstream.url, max_concurrency=1) as server:
+        idle = [Client(server), Client(server)]
+        for client in idle:
+            assert client.json("GET", "/health")[0] == 200     # two kept-alive connections
+        answer = raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer_status(answer) == 529 and answer_json(answer)["error"]["type"] == "overloaded_error"
+        idle[0].conn.close()
+        assert wait_for(lambda: server.open_connections == 1)
+        assert Client(server).json("GET", "/health")[0] == 200
+
+
+class ProxyProcess:
+    """claude_proxy.py run as a user runs it, its output collected line by line."""
+
+    def __init__(self, *args, env=None, cwd=None):
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--port", "0"]
+                                        + list(args), env=dict(base, **(env or {})), cwd=cwd,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        assert wait_for(lambda: "listening on" in self.output or self.process.poll() is not None), self.output
+        match = re.search(r"listening on http://[^:]+:(\d+)", self.output)
+        assert match, self.output
+        self.port = int(match.group(1))
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line.decode("utf-8", "replace"))
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.reader.join(10)
+        self.process.stdout.close()
+
+
+def held_stream(first_text):
+    """An upstream stream that sends one piece of text, then waits for `release`."""
+    release = threading.Event()
+
+    def respond(handler, body):
+        begin_sse(handler)
+        send_parts(handler, [sse_data(chunk({"role": "assistant", "content": ""})),
+                             sse_data(chunk({"content": first_text}))])
+        release.wait(10)
+        try:
+            send_parts(handler, [sse_data(chunk({"content": " and the rest"})), sse_data(chunk({}, "stop")),
+                                 b"data: [DONE]\n\n"])
+            handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            handler.close_connection = True
+
+    return respond, release
+
+
+def open_stream(port, until):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    body = json.dumps(req(stream=True)).encode()
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: client-secret-7654321\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while until not in received:
+        received += sock.recv(65536)
+    return sock, received
+
+
+def refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_command_line_sigterm_stops_accepting_and_lets_a_stream_finish(upstream):
+    respond, release = held_stream("first half")
+    upstream.script.append(respond)
+    proxy = ProxyProcess(env={"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "sk-secret-cli-1234567",
+                              "ANTHROPIC_API_KEY": "client-secret-7654321", "LOG_LEVEL": "DEBUG"})
+    try:
+        sock, received = open_stream(proxy.port, b"first half")
+        proxy.process.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "shutting down" in proxy.output), proxy.output
+        assert wait_for(lambda: refused(proxy.port)), "still accepting connections after SIGTERM"
+        release.set()
+        while not received.endswith(b"0\r\n\r\n"):
+            piece = sock.recv(65536)
+            assert piece, received
+            received += piece
+        sock.close()
+        assert b"event: message_stop" in received and b"and the rest" in received
+        assert proxy.process.wait(10) == 0
+    finally:
+        release.set()
+        proxy.stop()
+    assert "1 request(s) in flight" in proxy.output
+    assert "sk-secret-cli-1234567" not in proxy.output and "client-secret-7654321" not in proxy.output
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("how", ["second signal", "grace over"])
+def test_command_line_second_signal_or_end_of_grace_exits_with_a_stream_in_flight(upstream, how):
+    respond, release = held_stream("waiting")
+    upstream.script.append(respond)
+    proxy = ProxyProcess("--shutdown-grace", "60" if how == "second signal" else "0.2",
+                         env={"OPENAI_BASE_URL": upstream.url})
+    try:
+        sock, _ = open_stream(proxy.port, b"waiting")
+        proxy.process.send_signal(signal.SIGINT)
+        assert wait_for(lambda: "shutting down" in proxy.output), proxy.output
+        if how == "second signal":
+            proxy.process.send_signal(signal.SIGINT)
+        assert proxy.process.wait(10) == (1 if how == "second signal" else 0)
+        sock.close()
+    finally:
+        release.set()
+        proxy.stop()
+
+
+def test_e2e_a_client_resetting_between_requests_leaves_no_traceback(proxy, capfd, caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    client = Client(proxy)
+    assert client.json("GET", "/health")[0] == 200
+    sock = client.conn.sock
+    sock.sendall(b"GET /health HTTP/1.1\r\n")         # half a request, then a reset
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+    assert wait_for(lambda: proxy.open_connections == 0)
+    assert Client(proxy).json("GET", "/health")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err and "Traceback" not in caplog.text
