@@ -51,7 +51,7 @@ import urllib.request
 from bisect import bisect_right
 from itertools import accumulate, repeat
 from operator import add
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NoReturn, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -86,10 +86,14 @@ class Settings:
     host: str = _setting("127.0.0.1", "HOST", "address to listen on")
     port: int = _setting(8082, "PORT", "port to listen on (0 picks a free one)")
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("text", "LOG_FORMAT", "text, or json: one JSON object a line")
     max_tokens_limit: int = _setting(0, "MAX_TOKENS_LIMIT", "cap on max_tokens sent upstream (0: none)")
     request_timeout: float = _setting(
         600.0, "REQUEST_TIMEOUT", "seconds to wait for the upstream to answer or send more")
     connect_timeout: float = _setting(10.0, "CONNECT_TIMEOUT", "seconds to open an upstream connection")
+    ca_bundle: str = _setting(
+        "", "CA_BUNDLE", "PEM file of extra certificate authorities to trust for the upstream, added "
+        "to the system's (as is SSL_CERT_FILE)")
     max_request_bytes: int = _setting(
         32 * 1024 * 1024, "MAX_REQUEST_BYTES", "largest request body accepted (413 above it)")
     max_concurrency: int = _setting(
@@ -144,17 +148,28 @@ def parse_dotenv(text: str) -> Dict[str, str]:
     return values
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line saying what to fix, not argparse's usage block."""
+        self.exit(2, "claude-code-proxy: %s (see --help)\n" % message)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="claude-code-proxy",
-        description="Anthropic Messages API proxy for OpenAI-compatible providers.")
+        description="Anthropic Messages API proxy for OpenAI-compatible providers. Every setting "
+        "is a flag, an environment variable or a line in .env; flags win over the environment, "
+        "which wins over .env.")
     for f in SETTING_FIELDS:
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.metadata["env"],
             help=f.metadata["help"] + ("" if "default" in f.metadata["help"] else " (default: %r)" % f.default))
     parser.add_argument("--env-file", default=".env", help="the .env file to read (default: .env)")
     parser.add_argument("--check", action="store_true",
-                        help="print the effective settings (keys masked) and exit")
+                        help="check the setup and exit: the effective settings (keys masked), then "
+                        "DNS, connection, TLS, the model list and a one-token answer from each "
+                        "mapped model, each step with what to fix when it fails (exit status 0 "
+                        "when all pass)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -183,8 +198,44 @@ def load_settings(environ: Dict[str, str], argv: List[str], dotenv_text: str = "
         try:
             values[f.name] = _CONVERTERS[f.type](raw)
         except ValueError:
-            raise ValueError("%s must be a %s, got %r" % (f.metadata["env"], f.type, raw)) from None
-    return Settings(**values)
+            raise ValueError("%s must be a %s, got %r" % (
+                f.metadata["env"], "whole number" if f.type == "int" else "number", raw)) from None
+    settings = Settings(**values)
+    check_settings(settings)
+    return settings
+
+
+CHOICES = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "log_format": ("text", "json"),
+           "upstream_streaming": ("on", "off"),
+           "reasoning_replay": ("auto", "off", "reasoning_content", "reasoning")}
+
+
+def check_settings(settings: Settings) -> None:
+    """Values that cannot work stop start-up here, with one line naming the setting."""
+    for name, choices in CHOICES.items():
+        value = getattr(settings, name)
+        if value.lower() not in (c.lower() for c in choices):
+            raise ValueError("%s must be one of %s, got %r" % (
+                name.upper(), ", ".join(choices), value))
+    url = urllib.parse.urlsplit(settings.openai_base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("OPENAI_BASE_URL must start with https:// or http:// and name a host, got %r"
+                         % settings.openai_base_url)
+    try:
+        url.port
+    except ValueError:
+        raise ValueError("OPENAI_BASE_URL has a bad port: %r" % settings.openai_base_url) from None
+    if not 0 <= settings.port <= 65535:
+        raise ValueError("PORT must be between 0 and 65535, got %d" % settings.port)
+    for name in ("request_timeout", "connect_timeout", "ping_interval", "max_request_bytes",
+                 "max_concurrency"):
+        if getattr(settings, name) <= 0:
+            raise ValueError("%s must be more than 0, got %s" % (name.upper(), getattr(settings, name)))
+    if settings.shutdown_grace < 0 or settings.max_tokens_limit < 0:
+        raise ValueError("SHUTDOWN_GRACE and MAX_TOKENS_LIMIT cannot be negative")
+    if settings.ca_bundle and not os.path.isfile(settings.ca_bundle):
+        raise ValueError("CA_BUNDLE: no such file: %r" % settings.ca_bundle)
+    resolve_dialect(settings, "")
 
 
 def describe_settings(settings: Settings) -> str:

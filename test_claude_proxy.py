@@ -169,9 +169,22 @@ def test_settings_original_variable_names_and_alias():
             s.max_tokens_limit, s.request_timeout) == ("k", "http://h/v1", "a", "mid", "0.0.0.0", "DEBUG", 4096, 90.0)
 
 
-def test_settings_bad_number_is_a_clear_error():
-    with pytest.raises(ValueError, match="PORT must be a int"):
-        cp.load_settings({"PORT": "eighty"}, [], "")
+@pytest.mark.parametrize("environ,message", [
+    ({"PORT": "eighty"}, "PORT must be a whole number, got 'eighty'"), ({"PORT": "70000"}, "PORT must be between"),
+    ({"REQUEST_TIMEOUT": "soon"}, "REQUEST_TIMEOUT must be a number"), ({"CONNECT_TIMEOUT": "0"}, "CONNECT_TIMEOUT must be more than 0"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT must be one of text, json"),
+    ({"OPENAI_BASE_URL": "api.openai.com/v1"}, "OPENAI_BASE_URL must start with https:// or http://"),
+    ({"OPENAI_BASE_URL": "http://h:port/v1"}, "OPENAI_BASE_URL has a bad port"),
+    ({"UPSTREAM_STREAMING": "maybe"}, "UPSTREAM_STREAMING must be one of on, off"),
+    ({"MAX_CONCURRENCY": "0"}, "MAX_CONCURRENCY must be more than 0"),
+    ({"CA_BUNDLE": "/no/such/ca.pem"}, "CA_BUNDLE: no such file"),
+    ({"PROVIDER": "foo"}, "PROVIDER must be auto or one of"),
+])
+def test_settings_bad_values_are_one_clear_line(environ, message):
+    with pytest.raises(ValueError) as info:
+        cp.load_settings(environ, [], "")
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_describe_settings_masks_keys():
@@ -2678,7 +2691,7 @@ def open_stream(port, until):
 def refused(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):   # (reset: queued as the socket closed)
         return True
     return False
 
