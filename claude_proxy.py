@@ -2742,6 +2742,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.watch: Optional[Watched] = None
         self.status: Any = "-"
         self.log_note = ""
+        self.access: Dict[str, Any] = {}
         path = self.path.split("?", 1)[0]
         if path.startswith(("http://", "https://")):   # absolute form: only the path counts
             path = urllib.parse.urlsplit(path).path
@@ -2870,11 +2871,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _access_log(self, method: str, path: str) -> None:
+        """One line per request: method, path, status, client model -> upstream model, stream,
+        tokens in and out, time to the first content and in all, and what went wrong."""
         failed = (isinstance(self.status, int) and self.status >= 500) or " stream error: " in self.log_note
         level = logging.WARNING if failed else logging.INFO
-        if log.isEnabledFor(level):
-            log.log(level, "%s %s %s %.3fs%s", method, path, self.status,
-                    time.monotonic() - self.started, (" " + self.log_note) if self.log_note else "")
+        if not log.isEnabledFor(level):
+            return
+        total = time.monotonic() - self.started
+        access = self.access
+        parts = [method, path[:200], str(self.status)]
+        if "model" in access:
+            parts.append("%s -> %s%s" % (access["model"], access["upstream_model"],
+                                          " stream" if access["stream"] else ""))
+        if "input_tokens" in access:
+            parts.append("in=%s out=%s" % (access["input_tokens"], access["output_tokens"]))
+        if access.get("ttft") is not None:
+            parts.append("ttft=%.3fs" % access["ttft"])
+        parts.append("%.3fs" % total)
+        note = self.log_note.strip()
+        if note:
+            parts.append(note)
+        fields = dict(access, method=method, path=path[:200], status=self.status, total=round(total, 4))
+        if note:
+            fields["note"] = note
+        log.log(level, " ".join(parts), extra={"access": fields})
+
+    def _note_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.access["input_tokens"] = usage.get("input_tokens")
+            self.access["output_tokens"] = usage.get("output_tokens")
 
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         self.status = code
@@ -2948,7 +2973,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 model=request["model"], message_id=new_id("msg_"),
                 stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),
                 history_tool_ids=history_tool_ids(request["messages"]))
-        self.log_note = "%s -> %s%s" % (request["model"], model, " stream" if stream else "")
+        self.access.update(model=request["model"], upstream_model=model, stream=stream)
         self.anthropic_request = request
         estimate: List[int] = []
 
@@ -2969,6 +2994,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if is_sse:
                     return self._stream(conn, response, ctx)
                 message = self._completion_message(conn, response, ctx)
+                self._note_usage(message.get("usage"))
+                self.access["ttft"] = time.monotonic() - self.started
                 return self._send_stream_whole(message_to_events(message))
             if is_sse:   # a server that streams although we did not ask
                 translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
@@ -2979,8 +3006,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     events.extend(translator.feed(parse_chunk(data)))
                 events.extend(translator.finish())
                 self._release(conn, response)
-                return self._send_json(200, assemble_message(events))
-            return self._send_json(200, self._completion_message(conn, response, ctx))
+                message = assemble_message(events)
+            else:
+                message = self._completion_message(conn, response, ctx)
+            self._note_usage(message.get("usage"))
+            return self._send_json(200, message)
         finally:
             if not self.upstream_released:
                 conn.close()
@@ -3110,6 +3140,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         closing = events
                         break
                     writer.write(events)
+                    if "ttft" not in self.access and any(e["type"] == "content_block_delta" for e in events):
+                        self.access["ttft"] = time.monotonic() - self.started
                 closing = closing or translator.finish()
             except ProxyError as err:
                 if writer.closed:
@@ -3130,6 +3162,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.log_note += " stream error: " + error["message"]
                 self.close_connection = True
                 saw_done = False
+            elif closing and closing[-2:-1] and closing[-2]["type"] == "message_delta":
+                self._note_usage(closing[-2]["usage"])
             writer.end(closing)
             if saw_done:
                 self._drain_and_release(conn, response)
@@ -3207,6 +3241,53 @@ for _method, _path in ROUTES:
 # =============================================================================================
 
 
+class JsonLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one object a line; access lines carry their fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                                       record.msecs),
+                 "level": record.levelname, "message": record.getMessage()}
+        entry.update(getattr(record, "access", None) or {})
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if settings.log_format.lower() == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper()), handlers=[handler])
+
+
+def public_url(url: str) -> str:
+    """A URL as the banner shows it: scheme, host, port and path; never credentials or query."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host
+    port = ":%d" % parts.port if parts.port else ""
+    return "%s://%s%s%s" % (parts.scheme, host, port, parts.path)
+
+
+def banner(settings: Settings, server: ProxyServer) -> str:
+    host, port = server.server_address[:2]
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else ("[%s]" % host if ":" in host else host)
+    pool = server.pool
+    via = (" via proxy %s" % public_url(pool.proxy.geturl())) if pool.proxy is not None else ""
+    key = "<your ANTHROPIC_API_KEY>" if settings.anthropic_api_key else "x"
+    return "\n".join([
+        "claude-code-proxy %s listening on http://%s:%d" % (__version__, "[%s]" % host if ":" in host else host, port),
+        "  upstream  %s (%s)%s" % (public_url(settings.openai_base_url), server.base_dialect.name, via),
+        "  models    opus -> %s, sonnet -> %s, haiku -> %s (other names pass through)" % (
+            settings.big_model, settings.middle, settings.small_model),
+        "  clients   %s" % ("must send ANTHROPIC_API_KEY" if settings.anthropic_api_key else
+                            "no key required (set ANTHROPIC_API_KEY to require one)"),
+        "  start Claude Code with:",
+        "    ANTHROPIC_BASE_URL=http://%s:%d ANTHROPIC_API_KEY=%s claude" % (local, port, key)])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_arg_parser().parse_args(argv)
@@ -3219,13 +3300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print("claude-code-proxy: %s" % exc, file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        resolve_dialect(settings, "")
-    except ValueError as exc:
-        print("claude-code-proxy: %s" % exc, file=sys.stderr)
-        return 2
+    configure_logging(settings)
     if args.check:
         try:
             print(describe_settings(settings), flush=True)
@@ -3242,12 +3317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError) as exc:
         print("claude-code-proxy: %s" % exc, file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
-    print("claude-code-proxy %s listening on http://%s:%d -> %s (opus: %s, sonnet: %s, haiku: %s)" % (
-        __version__, host, port, settings.openai_base_url, settings.big_model, settings.middle,
-        settings.small_model), flush=True)
-    print("Start Claude Code with: ANTHROPIC_BASE_URL=http://%s:%d ANTHROPIC_API_KEY=%s claude" % (
-        host, port, "<your ANTHROPIC_API_KEY>" if settings.anthropic_api_key else "x"), flush=True)
+    print(banner(settings, server), file=sys.stderr, flush=True)
     if not settings.openai_api_key and urllib.parse.urlsplit(settings.openai_base_url).hostname not in LOOPBACK_HOSTS:
         log.warning("OPENAI_API_KEY is not set; the upstream will probably answer 401")
     if settings.host not in LOOPBACK_HOSTS and not settings.anthropic_api_key:

@@ -2279,17 +2279,56 @@ def test_command_line_check_shows_effective_values_and_rejects_a_bad_provider(tm
 
 
 def test_command_line_warns_when_open_to_the_network_without_a_client_key(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--host", "0.0.0.0", "--port", "0",
-                                "--openai-base-url", "http://127.0.0.1:9/v1"], cwd=str(tmp_path), env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proxy = ProxyProcess("--host", "0.0.0.0", "--openai-base-url", "http://127.0.0.1:9/v1", cwd=str(tmp_path))
     try:
-        lines = [process.stdout.readline().decode() for _ in range(3)]
-        assert "without ANTHROPIC_API_KEY" in lines[2], lines
+        assert wait_for(lambda: "without ANTHROPIC_API_KEY" in proxy.output), proxy.output
+        assert "ANTHROPIC_BASE_URL=http://127.0.0.1:%d " % proxy.port in proxy.output
     finally:
-        process.terminate()
-        process.wait(10)
-        process.stdout.close()
+        proxy.stop()
+
+
+def test_command_line_banner_names_the_upstream_models_and_auth_but_no_secret(tmp_path):
+    proxy = ProxyProcess(cwd=str(tmp_path), env={
+        "OPENAI_BASE_URL": "https://user:hunter2-password@llm.example.com:8443/openai/v1?api-key=query-secret-99",
+        "OPENAI_API_KEY": "sk-banner-secret-123456", "ANTHROPIC_API_KEY": "client-banner-secret-654321",
+        "BIG_MODEL": "big-one", "SMALL_MODEL": "small-one", "HTTPS_PROXY": "http://puser:ppass-secret@127.0.0.1:3128"})
+    try:
+        assert wait_for(lambda: "start Claude Code with" in proxy.output and "ANTHROPIC_BASE_URL" in proxy.output)
+    finally:
+        proxy.stop()
+    out = proxy.output
+    assert "upstream  https://llm.example.com:8443/openai/v1 (generic) via proxy http://127.0.0.1:3128" in out
+    assert "opus -> big-one, sonnet -> big-one, haiku -> small-one" in out and "must send ANTHROPIC_API_KEY" in out
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:%d ANTHROPIC_API_KEY=<your ANTHROPIC_API_KEY> claude" % proxy.port in out
+    for secret in ("hunter2-password", "query-secret-99", "sk-banner-secret-123456", "client-banner-secret-654321",
+                   "ppass-secret"):
+        assert secret not in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--no-such-flag"], "claude-code-proxy: unrecognized arguments: --no-such-flag (see --help)"),
+    (["--port", "eighty"], "claude-code-proxy: PORT must be a whole number, got 'eighty'"),
+    (["--log-level", "LOUD"], "claude-code-proxy: LOG_LEVEL must be one of"),
+    (["--openai-base-url", "api.openai.com/v1"], "claude-code-proxy: OPENAI_BASE_URL must start with https://"),
+])
+def test_command_line_bad_flags_and_values_stop_with_one_line(tmp_path, args, message):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py")] + args, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert result.returncode == 2 and result.stdout == b""
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_command_line_help_lists_every_setting_with_its_variable_and_default():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--help"],
+                            stdout=subprocess.PIPE, timeout=30)
+    text = " ".join(result.stdout.decode().split())
+    assert result.returncode == 0
+    for f in cp.SETTING_FIELDS:
+        flag = "--" + f.name.replace("_", "-")
+        assert "%s %s" % (flag, f.metadata["env"]) in text, flag
+        assert "default" in " ".join(f.metadata["help"].split()) or "(default: %r)" % f.default in text, flag
+    assert "--version" in text and "--env-file" in text and "--check" in text
 
 
 def test_command_line_check_masks_keys(tmp_path):
@@ -2753,3 +2792,40 @@ def test_e2e_a_client_resetting_between_requests_leaves_no_traceback(proxy, capf
     assert wait_for(lambda: proxy.open_connections == 0)
     assert Client(proxy).json("GET", "/health")[0] == 200
     assert "Traceback" not in capfd.readouterr().err and "Traceback" not in caplog.text
+
+
+def test_e2e_one_access_log_line_per_request_with_models_tokens_and_times(upstream, proxy, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    upstream.script.extend([sse_text("hi", usage={"prompt_tokens": 31, "completion_tokens": 4}), json_text("plain")])
+    client = Client(proxy)
+    client.stream(req(model="claude-sonnet-4-5"))
+    client.json("POST", "/v1/messages?beta=true", req(model="claude-3-5-haiku"))
+    client.json("GET", "/nope")
+    assert wait_for(lambda: len([r for r in caplog.records if hasattr(r, "access")]) == 3)
+    stream, plain, missing = [r for r in caplog.records if hasattr(r, "access")]
+    assert re.match(r"POST /v1/messages 200 claude-sonnet-4-5 -> gpt-4o stream in=31 out=4 ttft=0\.\d{3}s \d+\.\d{3}s$",
+                    stream.getMessage()), stream.getMessage()
+    assert stream.access["input_tokens"] == 31 and stream.access["stream"] is True and stream.access["ttft"] > 0
+    assert re.match(r"POST /v1/messages 200 claude-3-5-haiku -> gpt-4o-mini in=\d+ out=\d+ \d+\.\d{3}s$",
+                    plain.getMessage()), plain.getMessage()
+    assert missing.getMessage().startswith("GET /nope 404 ") and missing.access["status"] == 404
+    assert "not_found_error" in missing.access["note"]
+
+
+def test_command_line_json_log_format_writes_one_object_a_line(upstream, tmp_path):
+    upstream.script.append(json_text("logged"))
+    proxy = ProxyProcess("--log-format", "json", cwd=str(tmp_path), env={"OPENAI_BASE_URL": upstream.url,
+                                                                         "OPENAI_API_KEY": "sk-json-secret-1234567"})
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        conn.request("POST", "/v1/messages", json.dumps(req()), {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        assert wait_for(lambda: '"path": "/v1/messages"' in proxy.output), proxy.output
+    finally:
+        proxy.stop()
+    log_lines = [line for line in proxy.lines if line.startswith("{")]
+    entries = [json.loads(line) for line in log_lines]
+    access = [e for e in entries if e.get("path") == "/v1/messages"][0]
+    assert access["status"] == 200 and access["model"] == "claude-opus-4-8" and access["upstream_model"] == "gpt-4o"
+    assert access["level"] == "INFO" and access["time"].endswith("Z") and "total" in access
+    assert "sk-json-secret-1234567" not in proxy.output
