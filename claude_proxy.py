@@ -2118,11 +2118,37 @@ def _still_open(conn: http.client.HTTPConnection) -> bool:
         return False
 
 
+def public_url(url: str) -> str:
+    """A URL as the banner shows it: scheme, host, port and path; never credentials or query."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host
+    port = ":%d" % parts.port if parts.port else ""
+    return "%s://%s%s%s" % (parts.scheme, host, port, parts.path)
+
+
+def upstream_ssl_context(ca_bundle: str = "") -> ssl.SSLContext:
+    """The system's trust, plus SSL_CERT_FILE and CA_BUNDLE. (OpenSSL alone would let
+    SSL_CERT_FILE replace the system's file; a private CA is meant to be added to it.)"""
+    context = ssl.create_default_context()
+    if os.environ.get("SSL_CERT_FILE"):
+        defaults = ssl.get_default_verify_paths()
+        with contextlib.suppress(OSError):
+            if defaults.openssl_cafile and os.path.isfile(defaults.openssl_cafile):
+                context.load_verify_locations(cafile=defaults.openssl_cafile)
+            if defaults.openssl_capath and os.path.isdir(defaults.openssl_capath):
+                context.load_verify_locations(capath=defaults.openssl_capath)
+    if ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
 class UpstreamPool:
     """http.client connections to one upstream, kept alive and reused across requests."""
 
     def __init__(self, base_url: str, connect_timeout: float, read_timeout: float,
-                 max_idle: int = 128, proxies: Optional[Dict[str, str]] = None) -> None:
+                 max_idle: int = 128, proxies: Optional[Dict[str, str]] = None, ca_bundle: str = "") -> None:
         url = urllib.parse.urlsplit(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("OPENAI_BASE_URL must be an http:// or https:// URL, got %r" % base_url)
@@ -2135,8 +2161,9 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
-        self.ssl_context = ssl.create_default_context() if self.https else None
+        self.ssl_context = upstream_ssl_context(ca_bundle) if self.https else None
         self.proxy = self._proxy_for(proxies if proxies is not None else urllib.request.getproxies())
+        self.via = " via proxy %s" % public_url(self.proxy.geturl()) if self.proxy is not None else ""
         self._idle: List[Tuple[http.client.HTTPConnection, float]] = []
         self._lock = threading.Lock()
 
@@ -2229,16 +2256,16 @@ class UpstreamPool:
                     conn.close()
                 if reused and attempt == 1:
                     continue                     # closed by the upstream while idle: once more
-                raise transport_error(exc, self.origin) from None
+                raise transport_error(exc, self.origin, self.via) from None
+            except (OSError, http.client.HTTPException) as exc:   # (TLS errors included)
+                if conn is not None:
+                    conn.close()
+                raise transport_error(exc, self.origin, self.via) from None
             except ValueError:                   # http.client refuses a header value
                 if conn is not None:
                     conn.close()
                 raise ProxyError(500, "api_error", "the upstream request has an invalid header; check "
                                  "OPENAI_API_KEY for stray characters", {"x-should-retry": "false"}) from None
-            except (OSError, http.client.HTTPException) as exc:
-                if conn is not None:
-                    conn.close()
-                raise transport_error(exc, self.origin) from None
         raise AssertionError("unreachable")
 
 
@@ -2265,15 +2292,16 @@ def describe_fix(fix: ModelFixes) -> str:
     return ", ".join(parts)
 
 
-def transport_error(exc: BaseException, origin: str) -> ProxyError:
+def transport_error(exc: BaseException, origin: str, via: str = "") -> ProxyError:
     if isinstance(exc, socket.timeout):
         return ProxyError(504, "timeout_error", "upstream %s sent nothing for longer than "
                           "REQUEST_TIMEOUT allows" % origin)
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return ProxyError(502, "api_error", "TLS certificate of %s not trusted (%s); set SSL_CERT_FILE "
-                          "to your CA bundle" % (origin, exc.verify_message))
-    return ProxyError(502, "api_error", "upstream %s unreachable: %s" % (
-        origin, exc.__class__.__name__ + (": %s" % exc if str(exc) else "")))
+        return ProxyError(502, "api_error", "TLS certificate of %s not trusted (%s); set CA_BUNDLE or "
+                          "SSL_CERT_FILE to a PEM file with your CA" % (origin, exc.verify_message))
+    hint = " (check HTTPS_PROXY / HTTP_PROXY)" if via else ""
+    return ProxyError(502, "api_error", "upstream %s unreachable%s: %s%s" % (
+        origin, via, exc.__class__.__name__ + (": %s" % exc if str(exc) else ""), hint))
 
 
 def read_body(response: http.client.HTTPResponse, origin: str) -> bytes:
@@ -2532,7 +2560,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.base_dialect = resolve_dialect(settings, "")
-        self.pool = UpstreamPool(settings.openai_base_url, settings.connect_timeout, settings.request_timeout)
+        self.pool = UpstreamPool(settings.openai_base_url, settings.connect_timeout, settings.request_timeout,
+                                 ca_bundle=settings.ca_bundle)
         self.chat_path = "/chat/completions"
         if self.base_dialect.name == "azure" and "api-version=" not in self.pool.base_query and \
                 "/openai/v1" not in self.pool.base_path:
@@ -3261,21 +3290,10 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper()), handlers=[handler])
 
 
-def public_url(url: str) -> str:
-    """A URL as the banner shows it: scheme, host, port and path; never credentials or query."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = "[%s]" % host
-    port = ":%d" % parts.port if parts.port else ""
-    return "%s://%s%s%s" % (parts.scheme, host, port, parts.path)
-
-
 def banner(settings: Settings, server: ProxyServer) -> str:
     host, port = server.server_address[:2]
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else ("[%s]" % host if ":" in host else host)
-    pool = server.pool
-    via = (" via proxy %s" % public_url(pool.proxy.geturl())) if pool.proxy is not None else ""
+    via = server.pool.via
     key = "<your ANTHROPIC_API_KEY>" if settings.anthropic_api_key else "x"
     return "\n".join([
         "claude-code-proxy %s listening on http://%s:%d" % (__version__, "[%s]" % host if ":" in host else host, port),

@@ -4,6 +4,7 @@ end to end against a scripted fake OpenAI upstream on 127.0.0.1 (port 0)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import http.client
@@ -14,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -2829,3 +2831,215 @@ def test_command_line_json_log_format_writes_one_object_a_line(upstream, tmp_pat
     assert access["status"] == 200 and access["model"] == "claude-opus-4-8" and access["upstream_model"] == "gpt-4o"
     assert access["level"] == "INFO" and access["time"].endswith("Z") and "total" in access
     assert "sk-json-secret-1234567" not in proxy.output
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Corporate networks: a private CA and an HTTPS proxy (CONNECT), all on loopback.
+# A test CA and a server certificate it signed (for 127.0.0.1, localhost and llm.corp.example),
+# valid until 2126, made with the openssl command-line tool (EC P-256).
+
+TEST_CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBsDCCAVWgAwIBAgIURJ7RABIXDpJVEI1oiMhlemV8KhwwCgYIKoZIzj0EAwIw
+JDEiMCAGA1UEAwwZY2xhdWRlLWNvZGUtcHJveHkgdGVzdCBDQTAgFw0yNjExMjUx
+NjQxNDZaGA8yMTI2MTEwMTE2NDE0NlowJDEiMCAGA1UEAwwZY2xhdWRlLWNvZGUt
+cHJveHkgdGVzdCBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABKVrmhF/3nrs
+iCg1cU07l4FAlIqYMUEsNG7KFGC9jcoJIUFJASBTNH1GV0U1X6ykcWWMzTef13GL
+QarCUrfPvRijYzBhMB0GA1UdDgQWBBTsuLf3g1BgluHXv0gXHooQ34ef6jAfBgNV
+HSMEGDAWgBTsuLf3g1BgluHXv0gXHooQ34ef6jAPBgNVHRMBAf8EBTADAQH/MA4G
+A1UdDwEB/wQEAwIBBjAKBggqhkjOPQQDAgNJADBGAiEAmePrY1xCt/x5FUV7FwyS
+cilYdFTIV6QPPwmtuuxCgOkCIQDyps2BEESFeKRyOlZ1/aKLz7oKjm6O+8NqLJr3
+a5PZJA==
+-----END CERTIFICATE-----
+"""
+TEST_SERVER_PEM = """-----BEGIN CERTIFICATE-----
+MIIB2jCCAYGgAwIBAgIUYDChNUFwZeVcu8NWPsNJza6cDO8wCgYIKoZIzj0EAwIw
+JDEiMCAGA1UEAwwZY2xhdWRlLWNvZGUtcHJveHkgdGVzdCBDQTAgFw0yNjExMjUx
+NjQyNDlaGA8yMTI2MTEwMTE2NDI0OVowFDESMBAGA1UEAwwJbG9jYWxob3N0MFkw
+EwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEUL3xd6LDDUr2UyGBD2x8h4FmupBkEGKV
+MlQ3VGt/k/kjUGizyUme2KmYB+VHqnw2GsDWmn3RmDKyhw0aesTbIqOBnjCBmzAs
+BgNVHREEJTAjhwR/AAABgglsb2NhbGhvc3SCEGxsbS5jb3JwLmV4YW1wbGUwCQYD
+VR0TBAIwADALBgNVHQ8EBAMCB4AwEwYDVR0lBAwwCgYIKwYBBQUHAwEwHQYDVR0O
+BBYEFKofcaGveF+xomgVJMSWNymWAY1OMB8GA1UdIwQYMBaAFOy4t/eDUGCW4de/
+SBceihDfh5/qMAoGCCqGSM49BAMCA0cAMEQCIB1QRmiFuHFwOEXFsxRx8NMFl3Oe
+Ah33OjVukJ9tgQ9IAiAx29s0jbcCroUeM37n3E9El07QCp/ZEN4aVJjcv4e+ow==
+-----END CERTIFICATE-----
+-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIHCQaXVtBrFMnSmn1lO4EhQMTN8NOXC1owpyhDUIeT2FoAoGCCqGSM49
+AwEHoUQDQgAEUL3xd6LDDUr2UyGBD2x8h4FmupBkEGKVMlQ3VGt/k/kjUGizyUme
+2KmYB+VHqnw2GsDWmn3RmDKyhw0aesTbIg==
+-----END EC PRIVATE KEY-----
+"""
+CORP_HOST = "llm.corp.example"        # resolved only by the test proxy, never by DNS
+
+
+@pytest.fixture
+def certs(tmp_path):
+    (tmp_path / "ca.pem").write_text(TEST_CA_PEM)
+    (tmp_path / "server.pem").write_text(TEST_SERVER_PEM)
+    return tmp_path
+
+
+@pytest.fixture
+def tls_upstream(certs):
+    fake = FakeUpstream()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certs / "server.pem"))
+    fake.server.socket = context.wrap_socket(fake.server.socket, server_side=True)
+    fake.url = "https://127.0.0.1:%d/v1" % fake.server.server_address[1]
+    yield fake
+    fake.close()
+
+
+class ConnectProxy:
+    """A forward proxy on 127.0.0.1:0: CONNECT tunnels (HTTPS) and absolute-URI requests
+    (plain HTTP). Any host it is asked for is served by `target_port` on 127.0.0.1. With
+    `credentials`, requests without that Proxy-Authorization get 407."""
+
+    def __init__(self, target_port, credentials=None):
+        self.target_port = target_port
+        self.credentials = credentials
+        self.seen = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                piece = client.recv(65536)
+                if not piece:
+                    return
+                head += piece
+            head, _, rest = head.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            self.seen.append((lines[0], headers.get("Proxy-Authorization")))
+            if self.credentials and headers.get("Proxy-Authorization") != "Basic " + base64.b64encode(
+                    self.credentials.encode()).decode():
+                client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            with upstream:
+                if lines[0].startswith("CONNECT "):
+                    client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                else:          # absolute URI: pass the request on in origin form
+                    method, target, version = lines[0].split(" ")
+                    path = "/" + target.split("://", 1)[1].split("/", 1)[1]
+                    upstream.sendall(("%s %s %s\r\n" % (method, path, version)).encode() +
+                                     "\r\n".join(lines[1:]).encode("latin-1") + b"\r\n\r\n" + rest)
+                self._pipe(client, upstream)
+
+    @staticmethod
+    def _pipe(a, b):
+        def copy(src, dst):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        other = threading.Thread(target=copy, args=(b, a), daemon=True)
+        other.start()
+        copy(a, b)
+        other.join(10)
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def clean_proxy_env(monkeypatch):
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
+                 "ALL_PROXY", "all_proxy", "SSL_CERT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_e2e_private_ca_via_ca_bundle_and_via_ssl_cert_file(tls_upstream, certs, clean_proxy_env):
+    for _ in range(3):
+        tls_upstream.script.append(json_text("over TLS"))
+    with running_proxy(tls_upstream.url) as server:        # not trusted yet
+        status, _, payload = Client(server).json("POST", "/v1/messages", req())
+        assert status == 502 and "not trusted" in payload["error"]["message"]
+        assert "CA_BUNDLE" in payload["error"]["message"]
+    with running_proxy(tls_upstream.url, ca_bundle=str(certs / "ca.pem")) as server:
+        assert Client(server).json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "over TLS"
+    clean_proxy_env.setenv("SSL_CERT_FILE", str(certs / "ca.pem"))
+    with running_proxy(tls_upstream.url) as server:
+        assert Client(server).json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "over TLS"
+    assert cp.upstream_ssl_context().cert_store_stats()["x509_ca"] > 1, "SSL_CERT_FILE replaced the system CAs"
+
+
+@pytest.mark.parametrize("case", ["HTTPS_PROXY", "https_proxy"])
+def test_e2e_https_through_a_connect_proxy_with_credentials(tls_upstream, certs, clean_proxy_env, case):
+    proxy = ConnectProxy(tls_upstream.server.server_address[1], credentials="corp user:p@ss")
+    try:
+        clean_proxy_env.setenv(case, proxy.url.replace("http://", "http://corp%20user:p%40ss@"))
+        tls_upstream.script.extend([json_text("through the proxy"), sse_text("streamed through")])
+        with running_proxy("https://%s/v1" % CORP_HOST, ca_bundle=str(certs / "ca.pem")) as server:
+            client = Client(server)
+            assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "through the proxy"
+            events = client.stream(req())
+            assert cp.assemble_message(events)["content"][0]["text"] == "streamed through"
+        assert proxy.seen[0][0] in ("CONNECT %s:443 HTTP/1.0" % CORP_HOST, "CONNECT %s:443 HTTP/1.1" % CORP_HOST)
+        assert proxy.seen[0][1] == "Basic " + base64.b64encode(b"corp user:p@ss").decode()
+        assert tls_upstream.requests[0]["path"] == "/v1/chat/completions"
+        assert len(proxy.seen) == 1, "the tunnel was not kept alive"
+    finally:
+        proxy.close()
+
+
+def test_e2e_plain_http_upstream_through_http_proxy(upstream, clean_proxy_env):
+    proxy = ConnectProxy(upstream.server.server_address[1])
+    try:
+        clean_proxy_env.setenv("HTTP_PROXY", proxy.url)
+        upstream.script.append(json_text("via http proxy"))
+        with running_proxy("http://%s:%d/v1" % (CORP_HOST, upstream.server.server_address[1])) as server:
+            assert Client(server).json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "via http proxy"
+        assert proxy.seen[0][0].startswith("POST http://%s:" % CORP_HOST)
+    finally:
+        proxy.close()
+
+
+def test_e2e_proxy_refusing_or_wanting_credentials_is_a_502_naming_the_proxy(tls_upstream, certs, clean_proxy_env):
+    proxy = ConnectProxy(tls_upstream.server.server_address[1], credentials="u:p")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    try:
+        for proxy_url, expected in ((proxy.url, "407"), ("http://127.0.0.1:%d" % closed.getsockname()[1], "Refused")):
+            clean_proxy_env.setenv("HTTPS_PROXY", proxy_url)
+            with running_proxy("https://%s/v1" % CORP_HOST, ca_bundle=str(certs / "ca.pem")) as server:
+                status, _, payload = Client(server).json("POST", "/v1/messages", req())
+            message = payload["error"]["message"]
+            assert status == 502 and "via proxy " + proxy_url in message and expected in message, message
+            assert "HTTPS_PROXY" in message
+    finally:
+        closed.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("no_proxy", ["llm.corp.example", ".corp.example", "*"])
+def test_no_proxy_names_hosts_that_skip_the_proxy(clean_proxy_env, no_proxy):
+    clean_proxy_env.setenv("NO_PROXY", no_proxy)
+    clean_proxy_env.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert cp.UpstreamPool("https://%s/v1" % CORP_HOST, 1, 1).proxy is None
+    assert cp.UpstreamPool("https://api.other.example/v1", 1, 1).proxy is not None or no_proxy == "*"
+    assert cp.UpstreamPool("http://127.0.0.1:8000/v1", 1, 1).proxy is None     # loopback never
