@@ -249,7 +249,7 @@ def describe_settings(settings: Settings) -> str:
             value = "%s (BIG_MODEL)" % settings.big_model
         elif f.name == "provider" and value == "auto":
             value = "auto: %s" % resolve_dialect(settings, "").name
-        lines.append("%-18s %s" % (f.metadata["env"], value))
+        lines.append("%-19s %s" % (f.metadata["env"], value))
     return "\n".join(lines)
 
 
@@ -2269,6 +2269,23 @@ class UpstreamPool:
         raise AssertionError("unreachable")
 
 
+def upstream_path(path: str, settings: Settings, pool: UpstreamPool, dialect: Dialect) -> str:
+    if dialect.name == "azure" and "api-version=" not in pool.base_query and "/openai/v1" not in pool.base_path:
+        # Azure deployment URLs (…/openai/deployments/NAME) require an api-version.
+        path += "?api-version=" + urllib.parse.quote(settings.azure_api_version)
+    return path
+
+
+def upstream_headers(settings: Settings, dialect: Dialect) -> Dict[str, str]:
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "User-Agent": "claude-code-proxy/" + __version__}
+    if dialect.api_key_header:
+        headers["api-key"] = settings.openai_api_key
+    elif settings.openai_api_key:
+        headers["Authorization"] = "Bearer " + settings.openai_api_key
+    return headers
+
+
 def describe_request(body: Dict[str, Any]) -> str:
     """What a debug line shows of an upstream request: every parameter, the roles of the
     messages, the tool names and the start of the last message (not the whole prompt)."""
@@ -2562,19 +2579,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.base_dialect = resolve_dialect(settings, "")
         self.pool = UpstreamPool(settings.openai_base_url, settings.connect_timeout, settings.request_timeout,
                                  ca_bundle=settings.ca_bundle)
-        self.chat_path = "/chat/completions"
-        if self.base_dialect.name == "azure" and "api-version=" not in self.pool.base_query and \
-                "/openai/v1" not in self.pool.base_path:
-            # Azure deployment URLs (…/openai/deployments/NAME) require an api-version.
-            self.chat_path += "?api-version=" + urllib.parse.quote(settings.azure_api_version)
-        key = settings.openai_api_key
-        self.upstream_headers = {
-            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-            "User-Agent": "claude-code-proxy/" + __version__}
-        if self.base_dialect.api_key_header:
-            self.upstream_headers["api-key"] = key
-        elif key:
-            self.upstream_headers["Authorization"] = "Bearer " + key
+        self.chat_path = upstream_path("/chat/completions", settings, self.pool, self.base_dialect)
+        self.upstream_headers = upstream_headers(settings, self.base_dialect)
         self.heartbeat = Heartbeat(settings.ping_interval)
         # Requests in flight are capped (MAX_CONCURRENCY), and so are connections, each of
         # which holds a thread: twice as many, since kept-alive connections sit idle between
@@ -3270,6 +3276,153 @@ for _method, _path in ROUTES:
 # =============================================================================================
 
 
+class Doctor:
+    """--check: each step from name resolution to a one-token answer from every mapped model,
+    one line each, and for a step that fails, the likely cause and the setting that fixes it."""
+
+    def __init__(self, settings: Settings, out: Any) -> None:
+        self.settings = settings
+        self.out = out
+        try:
+            "✓✗".encode(getattr(out, "encoding", None) or "ascii")
+            self.marks = {True: "✓", False: "✗", None: "!"}
+        except (UnicodeError, LookupError):
+            self.marks = {True: "ok  ", False: "FAIL", None: "warn"}
+        self.failed = 0
+
+    def step(self, ok: Optional[bool], name: str, detail: str, fix: str = "") -> bool:
+        for secret in (self.settings.openai_api_key, self.settings.anthropic_api_key):
+            if len(secret) >= 8:            # an upstream may echo the key in its message
+                detail = detail.replace(secret, "***")
+        self.out.write("%s %-8s %s\n" % (self.marks[ok], name, detail))
+        if fix:
+            self.out.write("           fix: %s\n" % fix)
+        self.out.flush()
+        self.failed += ok is False
+        return ok is not False
+
+    def run(self) -> bool:
+        settings = self.settings
+        self.out.write(describe_settings(settings) + "\n\n")
+        try:
+            pool = UpstreamPool(settings.openai_base_url, settings.connect_timeout, settings.request_timeout,
+                                ca_bundle=settings.ca_bundle)
+        except (ValueError, OSError) as exc:
+            return self.step(False, "settings", str(exc), "CA_BUNDLE must be a PEM file of certificates")
+        dialect = resolve_dialect(settings, "")
+        proxy = pool.proxy
+        host, port = (proxy.hostname or "", proxy.port or 8080) if proxy is not None else (pool.host, pool.port)
+        setting = "HTTPS_PROXY / HTTP_PROXY" if proxy is not None else "OPENAI_BASE_URL"
+        what = "proxy " if proxy is not None else ""
+        try:
+            address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+        except (socket.gaierror, UnicodeError) as exc:
+            return self.step(False, "dns", "cannot resolve the %sname %s (%s)" % (what, host, exc),
+                             "check the host name in %s; where the internet is only reachable through a "
+                             "proxy, set HTTPS_PROXY" % setting)
+        self.step(True, "dns", "%s%s -> %s" % (what, host, address))
+        try:
+            socket.create_connection((host, port), timeout=settings.connect_timeout).close()
+        except socket.timeout:
+            return self.step(False, "connect", "no answer from %s%s:%d within %gs" % (what, host, port, settings.connect_timeout),
+                             "a firewall may drop the connection: set HTTPS_PROXY to your network's proxy, "
+                             "or raise CONNECT_TIMEOUT")
+        except OSError as exc:
+            return self.step(False, "connect", "%s%s:%d: %s" % (what, host, port, exc.strerror or exc),
+                             "check %s (is the server or proxy running, on that port?)" % setting)
+        self.step(True, "connect", "%s%s:%d%s" % (what, host, port, pool.via and " (for %s)" % pool.origin))
+        if pool.https:
+            try:
+                conn = pool._connect()
+            except ProxyError as err:
+                return self.step(False, "tls", err.message, "raise CONNECT_TIMEOUT or check the network")
+            except ssl.SSLCertVerificationError as exc:
+                return self.step(False, "tls", "certificate of %s not trusted: %s" % (pool.host, exc.verify_message),
+                                 "set CA_BUNDLE (or SSL_CERT_FILE) to a PEM file with your organisation's CA")
+            except ssl.SSLError as exc:
+                return self.step(False, "tls", "handshake with %s failed: %s" % (pool.host, exc.reason or exc),
+                                 "does the server speak https? Try http:// in OPENAI_BASE_URL")
+            except OSError as exc:          # the proxy refused the tunnel (407, 403...)
+                return self.step(False, "proxy", "CONNECT %s:%d refused: %s" % (pool.host, pool.port, exc),
+                                 "check HTTPS_PROXY; credentials go in it: http://user:password@host:port")
+            self.step(True, "tls", "%s, certificate of %s trusted" % (conn.sock.version(), pool.host))
+            conn.close()
+        headers = upstream_headers(settings, dialect)
+        if not self._models(pool, dialect, headers):
+            return False
+        tiers = {}
+        for tier, model in (("opus", settings.big_model), ("sonnet", settings.middle), ("haiku", settings.small_model)):
+            tiers.setdefault(model, tier)
+        for model, tier in tiers.items():
+            self._answer(pool, tier, model, headers)
+        return not self.failed
+
+    def _models(self, pool: UpstreamPool, dialect: Dialect, headers: Dict[str, str]) -> bool:
+        try:
+            conn = pool._connect()
+            conn.request("GET", pool.url_path(upstream_path("/models", self.settings, pool, dialect)),
+                         headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+            conn.close()
+        except ProxyError as err:
+            return self.step(False, "models", err.message)
+        except (OSError, http.client.HTTPException) as exc:
+            return self.step(False, "models", transport_error(exc, pool.origin, pool.via).message)
+        if response.status in (401, 403):
+            return self.step(False, "models", "the upstream refused the key (%d): %s" % (
+                response.status, upstream_error(response.status, body, None).upstream_message),
+                "check OPENAI_API_KEY (and that it belongs to this provider)")
+        try:
+            ids = [m["id"] for m in json.loads(body)["data"]] if response.status == 200 else None
+        except (ValueError, KeyError, TypeError):
+            ids = None
+        if ids is None:
+            return self.step(None, "models", "no model list here (HTTP %d); the answers below tell" % response.status)
+        wanted = dict.fromkeys((self.settings.big_model, self.settings.middle, self.settings.small_model))
+        missing = [m for m in wanted if m not in ids]
+        return self.step(True if not missing else None, "models", "%d listed%s" % (
+            len(ids), "; not listed: %s" % ", ".join(missing) if missing else ", the mapped ones among them"))
+
+    def _answer(self, pool: UpstreamPool, tier: str, model: str, headers: Dict[str, str]) -> None:
+        settings = self.settings
+        dialect = resolve_dialect(settings, model)
+        request = {"model": "claude-%s" % tier, "max_tokens": 1,
+                   "messages": [{"role": "user", "content": "Reply with the word OK."}]}
+        body = apply_fixes(to_openai(request, settings, dialect), fixes_by_name(model))
+        setting = {"opus": "BIG_MODEL", "sonnet": "MIDDLE_MODEL", "haiku": "SMALL_MODEL"}[tier]
+        started = time.monotonic()
+        for attempt in (1, 2):
+            try:
+                conn, response = pool.post(upstream_path("/chat/completions", settings, pool, dialect),
+                                           json_bytes(body), headers)
+                payload = read_body(response, pool.origin)
+                conn.close()
+            except ProxyError as err:
+                self.step(False, tier, "%s: %s" % (model, err.message))
+                return
+            if response.status == 200:
+                self.step(True, tier, "%s answered in %.1fs" % (model, time.monotonic() - started))
+                return
+            error = upstream_error(response.status, payload, None)
+            fix = fix_from_error(body, error.upstream_message, error.param)[0] if response.status in (400, 422) else None
+            if fix is None or attempt == 2:
+                break
+            body = apply_fixes(body, fix)
+        message = "%s: HTTP %d: %s" % (model, response.status, error.upstream_message[:200])
+        lower = error.upstream_message.lower()
+        if response.status in (401, 403):
+            hint = "check OPENAI_API_KEY"
+        elif response.status == 404 or "model" in lower and ("not found" in lower or "does not exist" in lower
+                                                             or "unknown" in lower or "invalid" in lower):
+            hint = "the upstream does not know %r: set %s (which serves %s) to a model it has" % (model, setting, tier)
+        elif response.status == 429:
+            hint = "rate limited or out of quota: check the account's limits and billing"
+        else:
+            hint = ""
+        self.step(False, tier, message, hint)
+
+
 class JsonLogFormatter(logging.Formatter):
     """LOG_FORMAT=json: one object a line; access lines carry their fields as keys."""
 
@@ -3321,10 +3474,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_logging(settings)
     if args.check:
         try:
-            print(describe_settings(settings), flush=True)
+            return 0 if Doctor(settings, sys.stdout).run() else 1
         except BrokenPipeError:
-            pass
-        return 0
+            return 1
     if settings.pin_cpu >= 0:
         try:
             os.sched_setaffinity(0, {settings.pin_cpu})

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -1389,6 +1390,7 @@ class FakeUpstream:
     def __init__(self):
         self.requests = []
         self.script = []
+        self.get_script = []
         self.connections = 0
         self.lock = threading.Lock()
         upstream = self
@@ -1404,6 +1406,13 @@ class FakeUpstream:
 
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):
+                with upstream.lock:
+                    upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": None})
+                    responder = upstream.get_script.pop(0) if upstream.get_script else json_reply(
+                        {"object": "list", "data": [{"id": "gpt-4o"}, {"id": "gpt-4o-mini"}]})
+                responder(self, None)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -2269,15 +2278,92 @@ def test_command_line_starts_the_server_and_serves(upstream, tmp_path):
         process.stdout.close()
 
 
-def test_command_line_check_shows_effective_values_and_rejects_a_bad_provider(tmp_path):
-    proxy_py = os.path.join(HERE, "claude_proxy.py")
+def test_command_line_check_passes_against_a_working_upstream_and_masks_keys(upstream, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "PROVIDER", "BIG_", "MIDDLE_"))}
-    result = subprocess.run([sys.executable, proxy_py, "--check", "--big-model", "gpt-5"], cwd=str(tmp_path), env=env,
+    env.update(OPENAI_BASE_URL=upstream.url, PYTHONIOENCODING="utf-8")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--check", "--big-model", "gpt-5",
+                             "--openai-api-key", "sk-very-secret"], cwd=str(tmp_path), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
-    assert b"MIDDLE_MODEL       gpt-5 (BIG_MODEL)" in result.stdout and b"PROVIDER           auto: openai" in result.stdout
-    bad = subprocess.run([sys.executable, proxy_py, "--check", "--provider", "foo"], cwd=str(tmp_path), env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert "MIDDLE_MODEL        gpt-5 (BIG_MODEL)" in out and "PROVIDER            auto: generic" in out
+    assert "OPENAI_API_KEY      set (14 characters)" in out and "sk-very-secret" not in out
+    for line in ("✓ dns      127.0.0.1 -> 127.0.0.1", "✓ connect  127.0.0.1:", "✓ models   2 listed; not listed: gpt-5",
+                 "✓ opus     gpt-5 answered in", "✓ haiku    gpt-4o-mini answered in"):
+        assert line in out.replace("! models", "✓ models"), out
+    assert [r["path"] for r in upstream.requests] == ["/v1/models", "/v1/chat/completions", "/v1/chat/completions"]
+    assert upstream.requests[1]["body"]["max_completion_tokens"] == 1 and upstream.requests[1]["body"]["model"] == "gpt-5"
+    assert upstream.requests[1]["headers"]["Authorization"] == "Bearer sk-very-secret"
+    bad = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--check", "--provider", "foo"],
+                         cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
     assert bad.returncode == 2 and b"PROVIDER must be auto or one of" in bad.stdout
+
+
+def doctor(url, **settings):
+    out = io.StringIO()
+    ok = cp.Doctor(cp.Settings(openai_base_url=url, **dict({"openai_api_key": "sk-doctor-123"}, **settings)), out).run()
+    return ok, out.getvalue().split("\n\n", 1)[1]      # the steps, after the settings
+
+
+def test_doctor_wrong_key(upstream, clean_proxy_env):
+    upstream.get_script.append(json_reply({"error": {"message": "Incorrect API key provided: sk-doctor-123"}}, 401))
+    ok, out = doctor(upstream.url)
+    assert "sk-doctor-123" not in out
+    assert not ok and "FAIL models   the upstream refused the key (401): Incorrect API key" in out
+    assert "fix: check OPENAI_API_KEY" in out and not any(r["path"].endswith("completions") for r in upstream.requests)
+
+
+def test_doctor_unknown_model_names_the_setting_to_change(upstream, clean_proxy_env):
+    upstream.script.append(json_reply({"error": {"message": "The model `nope` does not exist", "code": "model_not_found"}}, 404))
+    ok, out = doctor(upstream.url, big_model="nope")
+    assert not ok and "warn models   2 listed; not listed: nope" in out
+    assert "FAIL opus     nope: HTTP 404: The model `nope` does not exist" in out
+    assert "set BIG_MODEL (which serves opus)" in out and "ok   haiku    gpt-4o-mini answered" in out
+
+
+def test_doctor_untrusted_certificate_points_at_ca_bundle(tls_upstream, certs, clean_proxy_env):
+    ok, out = doctor(tls_upstream.url)
+    assert not ok and "FAIL tls      certificate of 127.0.0.1 not trusted" in out and "fix: set CA_BUNDLE" in out
+    ok, out = doctor(tls_upstream.url, ca_bundle=str(certs / "ca.pem"))
+    assert ok and "ok   tls      TLSv1." in out and "certificate of 127.0.0.1 trusted" in out, out
+
+
+def test_doctor_proxy_refused_or_wanting_credentials(tls_upstream, certs, clean_proxy_env):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    proxy = ConnectProxy(tls_upstream.server.server_address[1], credentials="u:p")
+    try:
+        clean_proxy_env.setenv("HTTPS_PROXY", "http://127.0.0.1:%d" % closed.getsockname()[1])
+        ok, out = doctor("https://%s/v1" % CORP_HOST, ca_bundle=str(certs / "ca.pem"))
+        assert not ok and "FAIL connect  proxy 127.0.0.1:" in out and "fix: check HTTPS_PROXY / HTTP_PROXY" in out
+        clean_proxy_env.setenv("HTTPS_PROXY", proxy.url)
+        ok, out = doctor("https://%s/v1" % CORP_HOST, ca_bundle=str(certs / "ca.pem"))
+        assert not ok and "FAIL proxy    CONNECT llm.corp.example:443 refused" in out and "407" in out
+        assert "http://user:password@host:port" in out
+        clean_proxy_env.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://u:p@"))
+        ok, out = doctor("https://%s/v1" % CORP_HOST, ca_bundle=str(certs / "ca.pem"))
+        assert ok, out
+    finally:
+        proxy.close()
+        closed.close()
+
+
+def test_doctor_name_that_does_not_resolve_and_nothing_listening(clean_proxy_env):
+    def no_such_host(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with clean_proxy_env.context() as patch:
+        patch.setattr(cp.socket, "getaddrinfo", no_such_host)
+        ok, out = doctor("https://api.typo.example/v1")
+    assert not ok and "FAIL dns      cannot resolve the name api.typo.example" in out
+    assert "fix: check the host name in OPENAI_BASE_URL" in out
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    try:
+        ok, out = doctor("http://127.0.0.1:%d/v1" % closed.getsockname()[1])
+    finally:
+        closed.close()
+    assert not ok and "FAIL connect  127.0.0.1:" in out and "refused" in out.lower()
 
 
 def test_command_line_warns_when_open_to_the_network_without_a_client_key(tmp_path):
@@ -2331,14 +2417,6 @@ def test_command_line_help_lists_every_setting_with_its_variable_and_default():
         assert "%s %s" % (flag, f.metadata["env"]) in text, flag
         assert "default" in " ".join(f.metadata["help"].split()) or "(default: %r)" % f.default in text, flag
     assert "--version" in text and "--env-file" in text and "--check" in text
-
-
-def test_command_line_check_masks_keys(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--check",
-                             "--openai-api-key", "sk-very-secret"], cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
-    assert result.returncode == 0 and b"sk-very-secret" not in result.stdout
-    assert b"OPENAI_API_KEY     set (14 characters)" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------
