@@ -3121,3 +3121,13 @@ def test_no_proxy_names_hosts_that_skip_the_proxy(clean_proxy_env, no_proxy):
     assert cp.UpstreamPool("https://%s/v1" % CORP_HOST, 1, 1).proxy is None
     assert cp.UpstreamPool("https://api.other.example/v1", 1, 1).proxy is not None or no_proxy == "*"
     assert cp.UpstreamPool("http://127.0.0.1:8000/v1", 1, 1).proxy is None     # loopback never
+
+
+def test_readme_settings_table_matches_the_settings():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+        rows = re.findall(r"^\| `([A-Z_]+)` \| `(--[a-z-]+)` \| (.+?) \|", handle.read(), re.M)
+    assert [(env, flag) for env, flag, _ in rows] == [
+        (f.metadata["env"], "--" + f.name.replace("_", "-")) for f in cp.SETTING_FIELDS]
+    for (env, _, default), f in zip(rows, cp.SETTING_FIELDS):
+        shown = "%g" % f.default if isinstance(f.default, float) else str(f.default)
+        assert shown in default or (f.default == "" and default in ("(none)", "`BIG_MODEL`")), (env, default)
