@@ -113,6 +113,9 @@ class Settings:
     upstream_streaming: str = _setting(
         "on", "UPSTREAM_STREAMING", "off: ask the upstream for whole answers and stream them to the "
         "client (for servers that lose tool calls when streaming, as some Ollama builds do)")
+    workers: int = _setting(
+        1, "WORKERS", "processes serving the port, each with its own threads and upstream "
+        "connections (Linux and macOS); one Python process uses about one core")
     pin_cpu: int = _setting(
         -1, "PIN_CPU", "run the proxy on this one CPU (Linux; -1: any). One Python process uses one "
         "core at a time; pinned, its threads stop contending across cores under concurrent load")
@@ -228,7 +231,7 @@ def check_settings(settings: Settings) -> None:
     if not 0 <= settings.port <= 65535:
         raise ValueError("PORT must be between 0 and 65535, got %d" % settings.port)
     for name in ("request_timeout", "connect_timeout", "ping_interval", "max_request_bytes",
-                 "max_concurrency"):
+                 "max_concurrency", "workers"):
         if getattr(settings, name) <= 0:
             raise ValueError("%s must be more than 0, got %s" % (name.upper(), getattr(settings, name)))
     if settings.shutdown_grace < 0 or settings.max_tokens_limit < 0:
@@ -2574,8 +2577,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reuse_port: bool = False, listen: bool = True) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self.base_dialect = resolve_dialect(settings, "")
         self.pool = UpstreamPool(settings.openai_base_url, settings.connect_timeout, settings.request_timeout,
                                  ca_bundle=settings.ca_bundle)
@@ -2599,7 +2603,19 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.dialects: Dict[str, Dialect] = {}
         self.learned: Dict[str, ModelFixes] = {}
         self.learned_lock = threading.Lock()
-        super().__init__((settings.host, settings.port), Handler)
+        super().__init__((settings.host, settings.port), Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            if listen:
+                self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+    def server_bind(self) -> None:
+        if self.reuse_port:                 # WORKERS: every worker binds the same port
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def server_close(self) -> None:
         super().server_close()
@@ -3443,13 +3459,14 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper()), handlers=[handler])
 
 
-def banner(settings: Settings, server: ProxyServer) -> str:
+def banner(settings: Settings, server: ProxyServer, workers: int = 1) -> str:
     host, port = server.server_address[:2]
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else ("[%s]" % host if ":" in host else host)
     via = server.pool.via
     key = "<your ANTHROPIC_API_KEY>" if settings.anthropic_api_key else "x"
     return "\n".join([
-        "claude-code-proxy %s listening on http://%s:%d" % (__version__, "[%s]" % host if ":" in host else host, port),
+        "claude-code-proxy %s listening on http://%s:%d%s" % (
+            __version__, "[%s]" % host if ":" in host else host, port, " (%d workers)" % workers if workers > 1 else ""),
         "  upstream  %s (%s)%s" % (public_url(settings.openai_base_url), server.base_dialect.name, via),
         "  models    opus -> %s, sonnet -> %s, haiku -> %s (other names pass through)" % (
             settings.big_model, settings.middle, settings.small_model),
@@ -3477,26 +3494,104 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0 if Doctor(settings, sys.stdout).run() else 1
         except BrokenPipeError:
             return 1
-    if settings.pin_cpu >= 0:
-        try:
-            os.sched_setaffinity(0, {settings.pin_cpu})
-        except (AttributeError, OSError, ValueError) as exc:
-            print("claude-code-proxy: PIN_CPU=%d not applied: %s" % (settings.pin_cpu, exc), file=sys.stderr)
+    workers = settings.workers
+    if workers > 1 and not hasattr(os, "fork"):
+        print("claude-code-proxy: WORKERS needs fork(), which this platform lacks; running one process",
+              file=sys.stderr)
+        workers = 1
+    # Linux spreads connections over sockets bound with SO_REUSEPORT: each worker binds its own
+    # and this one only holds the port (bound, not listening). Elsewhere the workers share this
+    # listening socket, non-blocking so that a worker losing the race to accept is not stuck.
+    reuse_port = workers > 1 and sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
     try:
-        server = ProxyServer(settings)
+        server = ProxyServer(settings, reuse_port=reuse_port, listen=not reuse_port)
+        if workers > 1 and not reuse_port:
+            server.socket.setblocking(False)
     except (ValueError, OSError) as exc:
         print("claude-code-proxy: %s" % exc, file=sys.stderr)
         return 2
-    print(banner(settings, server), file=sys.stderr, flush=True)
+    print(banner(settings, server, workers), file=sys.stderr, flush=True)
     if not settings.openai_api_key and urllib.parse.urlsplit(settings.openai_base_url).hostname not in LOOPBACK_HOSTS:
         log.warning("OPENAI_API_KEY is not set; the upstream will probably answer 401")
     if settings.host not in LOOPBACK_HOSTS and not settings.anthropic_api_key:
         log.warning("listening on %s without ANTHROPIC_API_KEY: anyone who can reach this port can use "
                     "the upstream key; set ANTHROPIC_API_KEY to require a key from clients", settings.host)
+    if workers > 1:
+        return run_workers(server, workers, reuse_port)
+    pin_to_cpu(settings.pin_cpu, 0)
     return serve_until_signalled(server)
 
 
-def serve_until_signalled(server: ProxyServer) -> int:
+def pin_to_cpu(pin_cpu: int, index: int) -> None:
+    """PIN_CPU: worker `index` runs on the index-th allowed CPU from PIN_CPU on."""
+    if pin_cpu < 0:
+        return
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        start = cpus.index(pin_cpu) if pin_cpu in cpus else 0
+        os.sched_setaffinity(0, {cpus[(start + index) % len(cpus)] if index else pin_cpu})
+    except (AttributeError, OSError, ValueError) as exc:
+        print("claude-code-proxy: PIN_CPU=%d not applied: %s" % (pin_cpu, exc), file=sys.stderr)
+
+
+def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:
+    """WORKERS > 1: fork that many workers and watch them. SIGTERM or SIGINT is passed on to
+    each as one SIGTERM (each then shuts down gracefully); a second signal kills them. A worker
+    that dies on its own is replaced, unless it died within a second of starting."""
+    settings = dataclasses.replace(server.settings, port=server.server_address[1])
+    children: Dict[int, float] = {}
+    stopping: List[int] = []
+
+    def start(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:                 # the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches it via the parent
+                pin_to_cpu(settings.pin_cpu, index)
+                worker = ProxyServer(settings, reuse_port=True) if reuse_port else server
+                code = serve_until_signalled(worker, ("SIGTERM",))
+            finally:
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        for pid in list(children):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL if stopping else signal.SIGTERM)
+        if stopping:
+            os._exit(1)
+        stopping.append(signum)
+
+    for index in range(count):
+        start(index)
+    for name in ("SIGTERM", "SIGINT"):
+        signal.signal(getattr(signal, name), on_signal)
+    failed = False
+    index = count
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        if stopping:
+            failed = failed or code != 0
+        elif time.monotonic() - started < 1.0:
+            log.error("worker %d exited with %d at start; not replaced", pid, code)
+            failed = True
+        else:
+            log.warning("worker %d exited with %d; starting another", pid, code)
+            start(index)
+            index += 1
+    server.server_close()
+    return 1 if failed or not stopping else 0
+
+
+def serve_until_signalled(server: ProxyServer, signals: Tuple[str, ...] = ("SIGTERM", "SIGINT")) -> int:
     """Serve until SIGTERM or SIGINT; then stop accepting, let requests in flight finish for
     up to SHUTDOWN_GRACE seconds, and return 0. A second signal exits at once."""
     stop = threading.Event()
@@ -3506,7 +3601,7 @@ def serve_until_signalled(server: ProxyServer) -> int:
             os._exit(1)
         stop.set()
 
-    for name in ("SIGTERM", "SIGINT"):
+    for name in signals:
         signal.signal(getattr(signal, name), on_signal)
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     while not stop.wait(3600):

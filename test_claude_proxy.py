@@ -3131,3 +3131,40 @@ def test_readme_settings_table_matches_the_settings():
     for (env, _, default), f in zip(rows, cp.SETTING_FIELDS):
         shown = "%g" % f.default if isinstance(f.default, float) else str(f.default)
         assert shown in default or (f.default == "" and default in ("(none)", "`BIG_MODEL`")), (env, default)
+
+
+def child_pids(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
+        return [int(p) for p in handle.read().split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the workers")
+def test_command_line_workers_share_the_port_are_replaced_and_stop_on_sigterm(upstream, tmp_path):
+    proxy = ProxyProcess("--workers", "2", cwd=str(tmp_path), env={"OPENAI_BASE_URL": upstream.url})
+    try:
+        assert "(2 workers)" in proxy.output
+        assert wait_for(lambda: len(child_pids(proxy.process.pid)) == 2)
+        for _ in range(20):                  # new connections, spread over the workers by the kernel
+            upstream.script.append(json_text("served"))
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            conn.request("POST", "/v1/messages", json.dumps(req()), {"Content-Type": "application/json"})
+            assert json.loads(conn.getresponse().read())["content"][0]["text"] == "served"
+            conn.close()
+        assert upstream.connections >= 2, "one worker served everything"
+        first = child_pids(proxy.process.pid)
+        started = threading.Event()
+        threading.Timer(1.1, started.set).start()     # a worker that dies at start is not replaced
+        started.wait(5)
+        os.kill(first[0], signal.SIGKILL)
+        assert wait_for(lambda: len(child_pids(proxy.process.pid)) == 2 and first[0] not in child_pids(proxy.process.pid))
+        upstream.script.append(json_text("after the replacement"))
+        assert Client(type("S", (), {"server_address": ("127.0.0.1", proxy.port)})()).json(
+            "POST", "/v1/messages", req())[0] == 200
+        workers = child_pids(proxy.process.pid)
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(10) == 0
+        assert not any(os.path.exists("/proc/%d/status" % pid) and "zombie" not in open("/proc/%d/status" % pid).read()
+                       for pid in workers)
+        assert "starting another" in proxy.output
+    finally:
+        proxy.stop()
