@@ -2148,6 +2148,29 @@ def upstream_ssl_context(ca_bundle: str = "") -> ssl.SSLContext:
     return context
 
 
+class _OneSend:
+    """http.client sends a request's headers and its body in two send() calls: with
+    TCP_NODELAY that is two packets (and two system calls). A bytes body goes out with the
+    headers in one."""
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", message_body))
+            message = b"\r\n".join(self._buffer)
+            del self._buffer[:]
+            self.send(message)
+        else:
+            super()._send_output(message_body, encode_chunked)
+
+
+class UpstreamConnection(_OneSend, http.client.HTTPConnection):
+    pass
+
+
+class UpstreamTLSConnection(_OneSend, http.client.HTTPSConnection):
+    pass
+
+
 class UpstreamPool:
     """http.client connections to one upstream, kept alive and reused across requests."""
 
@@ -2193,10 +2216,10 @@ class UpstreamPool:
         else:
             host, port = self.host, self.port
         if self.https:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            conn: http.client.HTTPConnection = UpstreamTLSConnection(
                 host, port, timeout=self.connect_timeout, context=self.ssl_context)
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+            conn = UpstreamConnection(host, port, timeout=self.connect_timeout)
         if self.proxy is not None and self.https:
             headers = {}
             if self.proxy.username:
@@ -2924,10 +2947,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.server.draining:
             self.send_header("Connection", "close")
-        self.end_headers()
+        if self.request_version == "HTTP/0.9":
+            self.end_headers()
+            self.response_started = True
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            return
+        # end_headers(), with the body in the same write: one send() instead of two
+        self._headers_buffer.append(b"\r\n" if self.command == "HEAD" else b"\r\n" + body)
+        self.flush_headers()
         self.response_started = True
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
     def _send_error(self, err: ProxyError) -> None:
         if self.watch is not None and self.watch.gone:   # our own doing: the client had left
