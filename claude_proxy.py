@@ -2379,6 +2379,26 @@ def read_body(response: http.client.HTTPResponse, origin: str) -> bytes:
         raise transport_error(exc, origin) from None
 
 
+def response_lines(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """The lines of a response body as they arrive, without their b"\\n". Read a block at a
+    time (read1 returns what one chunk holds, without waiting for more): http.client's own
+    readline() goes through its chunked decoding twice per line, which costs more than the
+    translation of the event."""
+    read1 = response.read1
+    rest = b""
+    while True:
+        block = read1(65536)
+        if not block:
+            break
+        if rest:
+            block = rest + block
+        lines = block.split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
 def iter_sse_data(lines: Iterable[bytes], origin: str = "upstream") -> Iterator[str]:
     """The `data` of each server-sent event (multi-line data joined by newlines); comments and
     other fields skipped, `data:` with or without a space. A transport fault -> ProxyError."""
@@ -3105,7 +3125,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if is_sse:   # a server that streams although we did not ask
                 translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
                 events = translator.start()
-                for data in iter_sse_data(response, server.pool.origin):
+                for data in iter_sse_data(response_lines(response), server.pool.origin):
                     if data == "[DONE]" or translator.ended:
                         break
                     events.extend(translator.feed(parse_chunk(data)))
@@ -3236,7 +3256,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.watch.writer = writer       # pings from now on
             closing: List[Dict[str, Any]] = []
             try:
-                for data in iter_sse_data(response, self.server.pool.origin):
+                for data in iter_sse_data(response_lines(response), self.server.pool.origin):
                     if data == "[DONE]":
                         saw_done = True
                         break
