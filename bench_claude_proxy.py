@@ -18,7 +18,7 @@ costs), then the Anthropic request through the proxy ("proxy").
   a   nonstream_c1     non-stream, 1 connection: the proxy's cost per request
   b   nonstream_c32    non-stream, 32 connections for a fixed time: throughput under load
   c   stream_c16       50 content chunks 2 ms apart, 16 connections: TTFB, TTFT, total
-  d1  cc_nonstream_c1  a Claude Code-shaped request (~77 KB: system blocks, 25 tools, a tool
+  d1  cc_nonstream_c1  a Claude Code-shaped request (~90 KB: system blocks, 25 tools, a tool
                        round trip, a mid-conversation system message), non-stream, 1 connection
   d2  cc_stream_c4     the same request streamed, 4 connections
 
@@ -212,9 +212,9 @@ def _tool_schema(rng: random.Random) -> Dict[str, Any]:
 
 
 def claude_code_request() -> Dict[str, Any]:
-    """About 75 KB, shaped like a Claude Code turn after two tool calls."""
+    """About 90 KB, shaped like a Claude Code turn after two tool calls."""
     rng = random.Random(2025)
-    tools = [{"name": name, "description": prose(rng, rng.randint(400, 1500)), "input_schema": _tool_schema(rng)}
+    tools = [{"name": name, "description": prose(rng, rng.randint(500, 2000)), "input_schema": _tool_schema(rng)}
              for name in _CC_TOOLS]
     return {
         "model": "claude-sonnet-4-5-20250929", "max_tokens": 32000, "stream": False,
@@ -222,7 +222,7 @@ def claude_code_request() -> Dict[str, Any]:
             {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.0.99.a1b; cc_entrypoint=cli;"},
             {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.",
              "cache_control": {"type": "ephemeral"}},
-            {"type": "text", "text": prose(rng, 12000), "cache_control": {"type": "ephemeral"}}],
+            {"type": "text", "text": prose(rng, 18000), "cache_control": {"type": "ephemeral"}}],
         "messages": [
             {"role": "user", "content": [
                 {"type": "text", "text": "<system-reminder>\nAs you answer the user's questions, you can use "
