@@ -67,9 +67,11 @@ and added = proxy - direct. Its rows, with their JSON keys (--json FILE, "figure
 - RSS peak, c64 (rss_peak_mb): sampled every 100 ms during scenario b, beside the idle RSS.
 - start-up to listening (startup_*_median_ms): see above.
 - upstream connections, c64 after warm-up (upstream_new_connections, _reused_connections,
-  upstream_requests): TCP connections to the fake that carried chat requests during scenario
-  b's measured phase: "new" were opened during it, "reused" were kept alive from the warm-up.
-  0 new = the pool holds every connection the load needs; about one per request = no reuse.
+  _closed_connections, upstream_requests): TCP connections to the fake that carried chat
+  requests during scenario b's measured phase: "new" were opened during it, "reused" were
+  kept alive from the warm-up, "closed" were closed during it (by either side). 0 new = the
+  pool holds every connection the load needs; a few new and 0 closed = the pool still growing
+  to the number of requests in flight at once; new ~ closed ~ requests = no reuse.
 - load (load_*): errors over both phases of the proxied run (must be 0); streams complete =
   streams that ended with message_stop, without an error event, carrying every content chunk
   the fake sent, of the streams sent; non-stream and stream p50 beside direct; RSS at the
@@ -166,7 +168,7 @@ def build_scenarios(args: argparse.Namespace) -> List[Scenario]:
     conc, stream_conc, latency = args.concurrency, args.stream_concurrency, args.upstream_latency_ms
     scenarios = [
         Scenario("a", "nonstream_c1", (("small", False),), 1, seconds("a"), 200, latency),
-        Scenario("b", "nonstream_c%d" % conc, (("small", False),), conc, seconds("b"), 4 * conc, latency),
+        Scenario("b", "nonstream_c%d" % conc, (("small", False),), conc, seconds("b"), 16 * conc, latency),
         Scenario("c", "stream_c%d" % stream_conc, (("small", True),), stream_conc, seconds("c"),
                  2 * stream_conc, latency),
         Scenario("d1", "cc_nonstream_c1", (("cc", False),), 1, seconds("d1"), 30, latency),
@@ -423,7 +425,7 @@ def http_request(path: str, port: int, body: bytes, headers: Dict[str, str]) -> 
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 411: b"Length Required"}
 COUNTERS = ("requests", "stream_requests", "nonstream_requests", "bad_requests",
             "include_usage_requests", "request_bytes", "stream_seconds", "connections_accepted",
-            "new_chat_connections", "chat_connections_used")
+            "new_chat_connections", "chat_connections_used", "chat_connections_closed")
 
 
 def sse_chunk(payload: Dict[str, Any]) -> bytes:
@@ -540,6 +542,7 @@ class FakeConnection(asyncio.Protocol):
         self.closed = True
         if self.is_chat:
             self.state.open_chat -= 1
+            self.state.stats["chat_connections_closed"] += 1
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -1432,6 +1435,7 @@ class Bench:
                 "new_connections": upstream["new_chat_connections"],
                 "connections_used": upstream["chat_connections_used"],
                 "reused_connections": upstream["chat_connections_used"] - upstream["new_chat_connections"],
+                "closed_connections": upstream["chat_connections_closed"],
                 "open_connections_peak": upstream["open_chat_connections_peak"],
                 "request_body_bytes_avg": round(upstream["request_bytes"] / upstream["requests"])
                 if upstream["requests"] else None,
@@ -1509,6 +1513,7 @@ def headline(scenario: Scenario, direct: Dict[str, Any], proxy: Dict[str, Any]) 
         "proxy_processes": proxy["proxy"]["processes"],
         "upstream_new_connections": proxy["upstream"]["new_connections"],
         "upstream_reused_connections": proxy["upstream"]["reused_connections"],
+        "upstream_closed_connections": proxy["upstream"]["closed_connections"],
         "upstream_connections_used": proxy["upstream"]["connections_used"],
         "upstream_open_connections_peak": proxy["upstream"]["open_connections_peak"],
         "upstream_requests_per_proxied_request": proxy["upstream"]["requests_per_client_request"],
@@ -1597,9 +1602,10 @@ def scenario_block(scenario: Scenario, result: Dict[str, Any], bodies: Dict[str,
         _fmt(p["cpu_ms_per_request"]), _fmt(p["cpu_user_ms_per_request"]), _fmt(p["cpu_sys_ms_per_request"]),
         _fmt(p["cpu_cores_used"], 2), _fmt(p["rss_start_mb"], 1), _fmt(p["rss_end_mb"], 1),
         _fmt(p["rss_peak_mb"], 1), "; %d processes" % p["processes"] if p["processes"] > 1 else ""))
-    out.append("  upstream via proxy: %s new connections, %s reused, peak %s open; %s upstream requests "
-               "per request; upstream body %s B (direct %s B)" % (
-                   u["new_connections"], u["reused_connections"], u["open_connections_peak"],
+    out.append("  upstream via proxy: %s new connections, %s reused, %s closed, peak %s open; %s upstream "
+               "requests per request; upstream body %s B (direct %s B)" % (
+                   u["new_connections"], u["reused_connections"], u["closed_connections"],
+                   u["open_connections_peak"],
                    _fmt(u["requests_per_client_request"], 2), _fmt(u["request_body_bytes_avg"]),
                    _fmt(direct["upstream"]["request_body_bytes_avg"])))
     out.append("  harness: fake upstream %s ms CPU/req (direct run %s); load generator %s cores (direct run %s);"
@@ -1676,7 +1682,8 @@ FIGURE_KEYS = (
     "stream_cpu_proxy_ms_per_stream", "stream_cpu_upstream_ms_per_stream",
     "rss_baseline_mb", "rss_idle_mb", "rss_idle_minus_baseline_mb", "rss_peak_mb",
     "startup_baseline_median_ms", "startup_proxy_median_ms",
-    "upstream_new_connections", "upstream_reused_connections", "upstream_requests",
+    "upstream_new_connections", "upstream_reused_connections", "upstream_closed_connections",
+    "upstream_requests",
     "load_requests", "load_errors", "load_streams", "load_streams_complete",
     "load_nonstream_direct_p50_ms", "load_nonstream_proxy_p50_ms",
     "load_stream_direct_p50_ms", "load_stream_proxy_p50_ms",
@@ -1722,6 +1729,7 @@ def collect_figures(by_key: Dict[str, Dict[str, Any]], startup: Dict[str, Any], 
         "startup_proxy_median_ms": startup.get("proxy_median_ms"),
         "upstream_new_connections": get("b", "headline", "upstream_new_connections"),
         "upstream_reused_connections": get("b", "headline", "upstream_reused_connections"),
+        "upstream_closed_connections": get("b", "headline", "upstream_closed_connections"),
         "upstream_requests": get("b", "headline", "proxy_requests"),
         "load_requests": get("load", "headline", "proxy_requests"),
         "load_errors": get("load", "headline", "proxy_errors"),
@@ -1779,7 +1787,9 @@ def figures_table(f: Dict[str, Any], config: Dict[str, Any]) -> str:
     row("start-up to listening, median of %d, ms" % config["startup_samples"], f["startup_baseline_median_ms"],
         f["startup_proxy_median_ms"], "python + those imports, listening", digits=1)
     rows.append(("upstream connections, c%d after warm-up" % conc, "",
-                 "%s new, %s reused" % (_fmt(f["upstream_new_connections"]), _fmt(f["upstream_reused_connections"])),
+                 "%s new, %s reused, %s closed" % (_fmt(f["upstream_new_connections"]),
+                                                   _fmt(f["upstream_reused_connections"]),
+                                                   _fmt(f["upstream_closed_connections"])),
                  "", "", "for %s requests" % _fmt(f["upstream_requests"])))
     rows.append(("%s: errors" % load, "", _fmt(f["load_errors"]), "", "",
                  "of %s requests" % _fmt(f["load_requests"])))
