@@ -75,8 +75,10 @@ and added = proxy - direct. Its rows, with their JSON keys (--json FILE, "figure
 - load (load_*): errors over both phases of the proxied run (must be 0); streams complete =
   streams that ended with message_stop, without an error event, carrying every content chunk
   the fake sent, of the streams sent; non-stream and stream p50 beside direct; RSS at the
-  start of the measured phase (after the warm-up), at its end, and the peak: memory is flat
-  when end - start (load_rss_growth_mb) stays near 0 over a long run.
+  start of the measured phase (after the warm-up), halfway, at its end, and the peak. Memory
+  is flat when end - start (load_rss_growth_mb) and, above all, end - halfway
+  (load_rss_growth_second_half_mb) stay near 0; a long run (--scenarios load --duration 60)
+  tells a leak from a ramp-up. The scenario block prints the RSS once a second.
 Each scenario's block also shows p99, TTFB, throughput, content events per stream, CPU split
 user/sys and cores used, RSS at the run's start, end and peak, and the harness's own load.
 
@@ -175,7 +177,7 @@ def build_scenarios(args: argparse.Namespace) -> List[Scenario]:
         Scenario("d2", "cc_stream_c4", (("cc", True),), 4, seconds("d2"), 8, latency),
         Scenario("load", "load_mixed_c%d" % conc,
                  (("small", False), ("small", True), ("cc", False), ("cc", True)),
-                 conc, seconds("load"), 2 * conc, args.load_latency_ms),
+                 conc, seconds("load"), 8 * conc, args.load_latency_ms),
     ]
     if args.body:               # one body for every request of every scenario
         scenarios = [s._replace(kinds=tuple((args.body if args.body in ("small", "cc") else "file", stream)
@@ -1278,16 +1280,23 @@ def fake_call(port: int, method: str, path: str) -> Dict[str, Any]:
 
 
 class RssSampler:
-    """Peak RSS of a process tree, sampled every 100 ms while running."""
+    """Peak RSS of a process tree, sampled every 100 ms while running; every 10th sample is
+    kept (`series`, one a second) to show whether memory levels off."""
 
     def __init__(self, tree: Tree) -> None:
         self.tree = tree
         self.peak = tree.rss_mb(fresh=True) or 0.0
+        self.series: List[float] = []
         self.task: Optional[asyncio.Future] = None
 
     async def _run(self) -> None:
+        count = 0
         while True:
-            self.peak = max(self.peak, self.tree.rss_mb() or 0.0)
+            rss = self.tree.rss_mb() or 0.0
+            self.peak = max(self.peak, rss)
+            if count % 10 == 0:
+                self.series.append(round(rss, 1))
+            count += 1
             await asyncio.sleep(0.1)
 
     def __enter__(self) -> "RssSampler":
@@ -1397,6 +1406,13 @@ class Bench:
                 rss_start = tree.rss_mb(fresh=True)
                 proxy_cpu0, fake_cpu0 = tree.cpu_s(), fake_tree.cpu_s()
                 own_cpu0, busy0 = proc_cpu_s([os.getpid()]), machine_busy_s()
+                rss_middle: List[Optional[float]] = [None]
+
+                async def read_rss_middle() -> None:
+                    await asyncio.sleep(scenario.duration / 2)
+                    rss_middle[0] = tree.rss_mb(fresh=True)
+
+                middle = asyncio.ensure_future(read_rss_middle())
                 if warm.ok:
                     measured = await load.run(duration=scenario.duration, max_time=self.args.max_run_time)
                 else:                                # nothing works: do not wait out the timeouts
@@ -1405,6 +1421,7 @@ class Bench:
                 proxy_cpu, fake_cpu = cpu_used(proxy_cpu0, tree.cpu_s()), cpu_used(fake_cpu0, fake_tree.cpu_s())
                 own_cpu, busy1 = cpu_used(own_cpu0, proc_cpu_s([os.getpid()])), machine_busy_s()
                 rss_end = tree.rss_mb(fresh=True)
+                middle.cancel()
                 upstream = fake_call(self.fake.port, "GET", "/stats")
         finally:
             load.close()
@@ -1462,8 +1479,10 @@ class Bench:
                 "cpu_sys_ms_per_request": per_request(proxy_cpu[1]) if proxy_cpu else None,
                 "cpu_cores_used": round(cpu / measured.duration, 3) if cpu is not None and measured.duration else None,
                 "rss_start_mb": _round(rss_start, 1),
+                "rss_middle_mb": _round(rss_middle[0], 1),
                 "rss_end_mb": _round(rss_end, 1),
                 "rss_peak_mb": round(rss.peak, 1),
+                "rss_series_mb": rss.series,
                 "processes": len(tree.pids(fresh=True)),
                 "alive": self.proxy.alive(),
             }
@@ -1508,6 +1527,7 @@ def headline(scenario: Scenario, direct: Dict[str, Any], proxy: Dict[str, Any]) 
         "upstream_cpu_ms_per_request": proxy["upstream"]["cpu_ms_per_request"],
         "upstream_cpu_ms_per_request_direct": direct["upstream"]["cpu_ms_per_request"],
         "proxy_rss_start_mb": proxy["proxy"]["rss_start_mb"],
+        "proxy_rss_middle_mb": proxy["proxy"]["rss_middle_mb"],
         "proxy_rss_end_mb": proxy["proxy"]["rss_end_mb"],
         "proxy_rss_peak_mb": proxy["proxy"]["rss_peak_mb"],
         "proxy_processes": proxy["proxy"]["processes"],
@@ -1598,9 +1618,11 @@ def scenario_block(scenario: Scenario, result: Dict[str, Any], bodies: Dict[str,
                                           "%d/%d" % tuple(proxy["streams_complete"])))
     out.append("  %-30s %11s %11s" % ("errors (incl. warm-up)", direct["errors"], proxy["errors"]))
     p, u = proxy["proxy"], proxy["upstream"]
-    out.append("  proxy: CPU %s ms/req (user %s + sys %s; %s cores); RSS %s MB at start, %s at end, peak %s%s" % (
+    out.append("  proxy: CPU %s ms/req (user %s + sys %s; %s cores); RSS %s MB at start, %s halfway, %s at end, "
+               "peak %s%s" % (
         _fmt(p["cpu_ms_per_request"]), _fmt(p["cpu_user_ms_per_request"]), _fmt(p["cpu_sys_ms_per_request"]),
-        _fmt(p["cpu_cores_used"], 2), _fmt(p["rss_start_mb"], 1), _fmt(p["rss_end_mb"], 1),
+        _fmt(p["cpu_cores_used"], 2), _fmt(p["rss_start_mb"], 1), _fmt(p["rss_middle_mb"], 1),
+        _fmt(p["rss_end_mb"], 1),
         _fmt(p["rss_peak_mb"], 1), "; %d processes" % p["processes"] if p["processes"] > 1 else ""))
     out.append("  upstream via proxy: %s new connections, %s reused, %s closed, peak %s open; %s upstream "
                "requests per request; upstream body %s B (direct %s B)" % (
@@ -1617,6 +1639,8 @@ def scenario_block(scenario: Scenario, result: Dict[str, Any], bodies: Dict[str,
     noisy = max(direct["other_cpu_cores"] or 0, proxy["other_cpu_cores"] or 0)
     if noisy > 0.25:
         out.append("  !! other processes used %.2f cores meanwhile: these figures are noisy, run again" % noisy)
+    if scenario.mixed:
+        out.append("  proxy RSS once a second, warm-up included: %s MB" % " ".join(_fmt(v, 1) for v in p["rss_series_mb"]))
     if "ttft_ms" in proxy:
         out.append("  upstream stream duration as the fake saw it: %s ms via proxy, %s ms direct" % (
                        _fmt(u["stream_ms_avg"]), _fmt(direct["upstream"]["stream_ms_avg"])))
@@ -1687,7 +1711,8 @@ FIGURE_KEYS = (
     "load_requests", "load_errors", "load_streams", "load_streams_complete",
     "load_nonstream_direct_p50_ms", "load_nonstream_proxy_p50_ms",
     "load_stream_direct_p50_ms", "load_stream_proxy_p50_ms",
-    "load_rss_start_mb", "load_rss_end_mb", "load_rss_peak_mb", "load_rss_growth_mb",
+    "load_rss_start_mb", "load_rss_middle_mb", "load_rss_end_mb", "load_rss_peak_mb", "load_rss_growth_mb",
+    "load_rss_growth_second_half_mb",
 )
 
 
@@ -1740,6 +1765,7 @@ def collect_figures(by_key: Dict[str, Dict[str, Any]], startup: Dict[str, Any], 
         "load_stream_direct_p50_ms": get("load", "headline", "direct_stream_p50_ms"),
         "load_stream_proxy_p50_ms": get("load", "headline", "proxy_stream_p50_ms"),
         "load_rss_start_mb": get("load", "headline", "proxy_rss_start_mb"),
+        "load_rss_middle_mb": get("load", "headline", "proxy_rss_middle_mb"),
         "load_rss_end_mb": get("load", "headline", "proxy_rss_end_mb"),
         "load_rss_peak_mb": get("load", "headline", "proxy_rss_peak_mb"),
     })
@@ -1749,6 +1775,7 @@ def collect_figures(by_key: Dict[str, Dict[str, Any]], startup: Dict[str, Any], 
                                                  figures["cpu_cc_upstream_ms_per_request"])
     figures["rss_idle_minus_baseline_mb"] = _minus(figures["rss_idle_mb"], figures["rss_baseline_mb"])
     figures["load_rss_growth_mb"] = _minus(figures["load_rss_end_mb"], figures["load_rss_start_mb"])
+    figures["load_rss_growth_second_half_mb"] = _minus(figures["load_rss_end_mb"], figures["load_rss_middle_mb"])
     return figures
 
 
@@ -1799,6 +1826,8 @@ def figures_table(f: Dict[str, Any], config: Dict[str, Any]) -> str:
     row("%s: stream total p50, ms" % load, f["load_stream_direct_p50_ms"], f["load_stream_proxy_p50_ms"])
     row("%s: RSS end vs start, MB" % load, f["load_rss_start_mb"], f["load_rss_end_mb"],
         "the proxy's RSS at the start", digits=1)
+    row("%s: RSS end vs middle, MB" % load, f["load_rss_middle_mb"], f["load_rss_end_mb"],
+        "the proxy's RSS halfway", digits=1)
     rows.append(("%s: RSS peak, MB" % load, "", _fmt(f["load_rss_peak_mb"], 1), "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) if i in (0, 5) else cell.rjust(widths[i])
