@@ -3168,3 +3168,40 @@ def test_command_line_workers_share_the_port_are_replaced_and_stop_on_sigterm(up
         assert "starting another" in proxy.output
     finally:
         proxy.stop()
+
+
+def test_benchmark_smoke_produces_every_figure(tmp_path):
+    """bench_claude_proxy.py --smoke runs every scenario for about a second against this proxy
+    and must produce every figure with no error anywhere. No timing is asserted."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "bench_claude_proxy.py"), "--smoke", "--json", str(out)],
+        cwd=HERE, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
+    assert result.returncode == 0, result.stdout.decode("utf-8", "replace")[-4000:]
+    with open(str(out), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    expected = (
+        "latency_direct_p50_ms", "latency_proxy_p50_ms", "latency_added_p50_ms", "latency_p50_ratio",
+        "cpu_small_proxy_ms_per_request", "cpu_small_upstream_ms_per_request", "cpu_small_ratio_to_upstream",
+        "cpu_cc_proxy_ms_per_request", "cpu_cc_upstream_ms_per_request", "cpu_cc_ratio_to_upstream",
+        "throughput_direct_rps", "throughput_proxy_rps", "throughput_ratio", "throughput_proxy_cores",
+        "stream_total_direct_p50_ms", "stream_total_proxy_p50_ms", "stream_total_p50_ratio",
+        "stream_ttft_direct_p50_ms", "stream_ttft_proxy_p50_ms", "stream_ttft_added_p50_ms",
+        "stream_cpu_proxy_ms_per_stream", "stream_cpu_upstream_ms_per_stream",
+        "rss_baseline_mb", "rss_idle_mb", "rss_idle_minus_baseline_mb", "rss_peak_mb",
+        "startup_baseline_median_ms", "startup_proxy_median_ms",
+        "upstream_new_connections", "upstream_reused_connections", "upstream_closed_connections",
+        "upstream_requests", "load_requests", "load_errors", "load_streams", "load_streams_complete",
+        "load_nonstream_direct_p50_ms", "load_nonstream_proxy_p50_ms",
+        "load_stream_direct_p50_ms", "load_stream_proxy_p50_ms",
+        "load_rss_start_mb", "load_rss_middle_mb", "load_rss_end_mb", "load_rss_peak_mb",
+        "load_rss_growth_mb", "load_rss_growth_second_half_mb",
+    )
+    figures = summary["figures"]
+    assert [key for key in expected if not isinstance(figures.get(key), (int, float))] == []
+    assert summary["missing_figures"] == [] and summary["errors"] == 0 and summary["failed_scenarios"] == []
+    assert summary["proxy_process"]["alive_at_end"] is True
+    for name, line in summary["scenarios"].items():
+        assert (line["direct_errors"], line["proxy_errors"]) == (0, 0), name
+    assert figures["load_errors"] == 0 and figures["load_requests"] > 0 and figures["load_streams"] > 0
+    assert figures["load_streams_complete"] == figures["load_streams"]
