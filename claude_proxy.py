@@ -237,8 +237,14 @@ def check_settings(settings: Settings) -> None:
             raise ValueError("%s must be more than 0, got %s" % (name.upper(), getattr(settings, name)))
     if settings.shutdown_grace < 0 or settings.max_tokens_limit < 0:
         raise ValueError("SHUTDOWN_GRACE and MAX_TOKENS_LIMIT cannot be negative")
-    if settings.ca_bundle and not os.path.isfile(settings.ca_bundle):
-        raise ValueError("CA_BUNDLE: no such file: %r" % settings.ca_bundle)
+    if settings.ca_bundle:
+        if not os.path.isfile(settings.ca_bundle):
+            raise ValueError("CA_BUNDLE: no such file: %r" % settings.ca_bundle)
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=settings.ca_bundle)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError("CA_BUNDLE %r is not a PEM file of certificates (%s)" % (
+                settings.ca_bundle, getattr(exc, "reason", None) or exc)) from None
     resolve_dialect(settings, "")
 
 
@@ -2188,7 +2194,8 @@ class UpstreamPool:
         self.port = url.port or (443 if self.https else 80)
         self.base_path = url.path
         self.base_query = url.query
-        self.origin = "%s://%s" % (url.scheme, url.netloc)
+        self.origin = "%s://%s%s" % (url.scheme, "[%s]" % self.host if ":" in self.host else self.host,
+                                     ":%d" % url.port if url.port else "")   # never credentials
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
@@ -2268,10 +2275,12 @@ class UpstreamPool:
             conn.close()
 
     def post(self, path: str, body: bytes, headers: Dict[str, str],
-             on_sent: Optional[Callable[[http.client.HTTPConnection], None]] = None
+             on_sent: Optional[Callable[[http.client.HTTPConnection], None]] = None,
+             abandoned: Callable[[], bool] = lambda: False
              ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a POST and read the status line and headers. Raises ProxyError.
-        `on_sent(conn)` runs each time the request is sent, while the upstream works on it."""
+        `on_sent(conn)` runs each time the request is sent, while the upstream works on it;
+        `abandoned()` says the client left (and we closed the connection ourselves)."""
         target = self.url_path(path)
         for attempt in (1, 2):
             conn = None
@@ -2285,7 +2294,7 @@ class UpstreamPool:
             except STALE_CONNECTION_ERRORS as exc:
                 if conn is not None:
                     conn.close()
-                if reused and attempt == 1:
+                if reused and attempt == 1 and not abandoned():
                     continue                     # closed by the upstream while idle: once more
                 raise transport_error(exc, self.origin, self.via) from None
             except (OSError, http.client.HTTPException) as exc:   # (TLS errors included)
@@ -2344,14 +2353,28 @@ _HEADER_FIELDS = re.compile(r"(?:[!-9;-~]+:[^\r\n]*\r?\n)*\r?\n\Z")
 _HEADER_FIELD = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")
 
 
+def _read_header_lines(fp: Any) -> List[bytes]:
+    """The header lines up to the blank one, with http.client's limits (its own helper for
+    this is missing before Python 3.8.11)."""
+    lines = []
+    while True:
+        line = fp.readline(65537)
+        if len(line) > 65536:
+            raise http.client.LineTooLong("header line")
+        lines.append(line)
+        if len(lines) > 100:
+            raise http.client.HTTPException("got more than 100 headers")
+        if line in (b"\r\n", b"\n", b""):
+            return lines
+
+
 def parse_headers(fp: Any, _class: Any = http.client.HTTPMessage) -> http.client.HTTPMessage:
     """http.client.parse_headers without the email package for ordinary headers (one
     `Name: value` per line, no continuation lines, no multipart type): the same message
     (names, values, order, empty payload) five to six times faster. Anything else goes through
     the email parser as before. http.server and http.client both call it for every request
     and every upstream response."""
-    lines = http.client._read_headers(fp)        # the same line and count limits
-    text = b"".join(lines).decode("iso-8859-1")
+    text = b"".join(_read_header_lines(fp)).decode("iso-8859-1")
     lowered = text.lower()
     if not _HEADER_FIELDS.match(text) or "multipart/" in lowered or "message/" in lowered:
         return email.parser.Parser(_class=_class).parsestr(text)
@@ -2456,16 +2479,19 @@ def _http_chunk(payload: bytes) -> bytes:
 class SSEWriter:
     """Writes events to the client as HTTP chunks; shared with the heartbeat under a lock."""
 
-    def __init__(self, wfile: Any, on_client_gone: Callable[[], None]) -> None:
+    def __init__(self, wfile: Any, on_client_gone: Callable[[], None], sock: Optional[socket.socket] = None) -> None:
         self.wfile = wfile
+        self.sock = sock
         self.lock = threading.Lock()
         self.last_write = time.monotonic()
         self.closed = False
         self.on_client_gone = on_client_gone
+        self.unsent = b""            # the part of a ping the client's socket had no room for
 
     def _write(self, payload: bytes) -> None:
         try:
-            self.wfile.write(_http_chunk(payload))
+            self.wfile.write(self.unsent + _http_chunk(payload))
+            self.unsent = b""
         except OSError:
             self.closed = True
             self.on_client_gone()
@@ -2487,18 +2513,29 @@ class SSEWriter:
                 raise ClientGone()
             self.closed = True
             try:
-                self.wfile.write(_http_chunk(b"".join(encode_sse(e) for e in events)) + b"0\r\n\r\n")
+                self.wfile.write(self.unsent + _http_chunk(b"".join(encode_sse(e) for e in events)) + b"0\r\n\r\n")
             except OSError:
                 raise ClientGone() from None
 
     def ping_if_idle(self, now: float, interval: float) -> None:
+        """From the heartbeat thread, which must never block on one client: the ping goes out
+        only as far as the socket takes it at once; the handler sends any rest first."""
         if now - self.last_write < interval or not self.lock.acquire(blocking=False):
             return
         try:
-            if not self.closed:
-                self._write(PING_BYTES)
-        except ClientGone:
-            log.info("client went away during a quiet stream; upstream request closed")
+            if not self.closed and self.sock is not None:
+                payload = self.unsent or _http_chunk(PING_BYTES)
+                try:
+                    sent = self.sock.send(payload, MSG_DONTWAIT)
+                except BlockingIOError:      # not reading: no room for a ping, none needed
+                    sent = 0
+                except OSError:
+                    self.closed = True
+                    self.on_client_gone()
+                    log.info("client went away during a quiet stream; upstream request closed")
+                    return
+                self.unsent = payload[sent:]
+                self.last_write = now
         finally:
             self.lock.release()
 
@@ -2829,6 +2866,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def parse_request(self) -> bool:
+        self.busy = True            # (so that a shutdown does not hang up on this request)
+        parsed = super().parse_request()
+        self.busy = parsed
+        return parsed
+
     def handle_expect_100(self) -> bool:
         length = (self.headers.get("Content-Length") or "").strip()
         if DIGITS.match(length) and int(length) > self.server.settings.max_request_bytes:
@@ -3047,10 +3090,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         error_type = {404: "not_found_error", 413: "request_too_large"}.get(status, "invalid_request_error")
         text = message or http.server.BaseHTTPRequestHandler.responses.get(status, ("error",))[0]
         payload = dict(error_body(error_type, text), request_id=self.request_id)
-        log.info("%s %s %d %s: %s", getattr(self, "command", None) or "-",
-                 (getattr(self, "path", None) or "-")[:100], status, error_type, text)
+        path = (getattr(self, "path", None) or "-").split("?", 1)[0][:100]
+        log.info("%s %s %d %s: %s", getattr(self, "command", None) or "-", path, status, error_type, text)
+        headers = {"Connection": "close", "x-should-retry": "false"}
+        if status == 405 and path in ROUTE_METHODS:
+            headers["Allow"] = ", ".join(ROUTE_METHODS[path])
         try:
-            self._send_json(status, payload, {"Connection": "close", "x-should-retry": "false"})
+            self._send_json(status, payload, headers)
         except OSError:
             pass
 
@@ -3162,7 +3208,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("upstream request: %s", describe_request(openai_request))
             conn, response = server.pool.post(server.chat_path, json_bytes(openai_request),
-                                              server.upstream_headers, on_sent)
+                                              server.upstream_headers, on_sent, self._client_left)
             if response.status == 200:
                 self.upstream_released = False
                 if learned is not None:          # remembered only once the fix worked
@@ -3186,6 +3232,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise AssertionError("unreachable")
 
     # -- upstream answer --------------------------------------------------------------------
+
+    def _client_left(self) -> bool:
+        return self.watch is not None and self.watch.gone
 
     def _release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         self.server.heartbeat.unwatch(self.watch)      # before the connection serves another
@@ -3254,7 +3303,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 ctx: ResponseContext) -> None:
         """Translate the upstream SSE stream event by event as its chunks arrive."""
         translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
-        writer = SSEWriter(self.wfile, lambda: _shutdown_upstream(conn))
+        writer = SSEWriter(self.wfile, lambda: _shutdown_upstream(conn), self.connection)
         heartbeat = self.server.heartbeat
         self._start_stream()
         saw_done = False
@@ -3440,9 +3489,13 @@ class Doctor:
             except ssl.SSLError as exc:
                 return self.step(False, "tls", "handshake with %s failed: %s" % (pool.host, exc.reason or exc),
                                  "does the server speak https? Try http:// in OPENAI_BASE_URL")
-            except OSError as exc:          # the proxy refused the tunnel (407, 403...)
-                return self.step(False, "proxy", "CONNECT %s:%d refused: %s" % (pool.host, pool.port, exc),
-                                 "check HTTPS_PROXY; credentials go in it: http://user:password@host:port")
+            except OSError as exc:
+                if proxy is not None and "Tunnel" in str(exc):   # the proxy refused (407, 403...)
+                    return self.step(False, "proxy", "CONNECT %s:%d refused: %s" % (pool.host, pool.port, exc),
+                                     "check HTTPS_PROXY; credentials go in it: http://user:password@host:port")
+                return self.step(False, "tls", "connection to %s%s broken during the TLS handshake: %s" % (
+                    pool.host, pool.via, exc), "a firewall or TLS inspection may be in the way; behind a "
+                    "corporate proxy set HTTPS_PROXY" if proxy is None else "check HTTPS_PROXY")
             self.step(True, "tls", "%s, certificate of %s trusted" % (conn.sock.version(), pool.host))
             conn.close()
         headers = upstream_headers(settings, dialect)
@@ -3503,6 +3556,10 @@ class Doctor:
                 self.step(True, tier, "%s answered in %.1fs" % (model, time.monotonic() - started))
                 return
             error = upstream_error(response.status, payload, None)
+            if response.status == 400 and "output limit" in error.upstream_message.lower():
+                self.step(True, tier, "%s answered (up to its 1-token limit) in %.1fs" % (
+                    model, time.monotonic() - started))
+                return
             fix = fix_from_error(body, error.upstream_message, error.param)[0] if response.status in (400, 422) else None
             if fix is None or attempt == 2:
                 break
@@ -3586,6 +3643,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     # listening socket, non-blocking so that a worker losing the race to accept is not stuck.
     reuse_port = workers > 1 and sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
     try:
+        if reuse_port and settings.port:
+            # SO_REUSEPORT would let us share a port another server (or a second copy of this
+            # proxy) already has: a plain bind first, so that is "address in use" as usual.
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((settings.host, settings.port))
         server = ProxyServer(settings, reuse_port=reuse_port, listen=not reuse_port)
         if workers > 1 and not reuse_port:
             server.socket.setblocking(False)
@@ -3624,15 +3687,18 @@ def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:
     children: Dict[int, float] = {}
     stopping: List[int] = []
 
+    parent = os.getpid()
+
     def start(index: int) -> None:
         pid = os.fork()
         if pid == 0:                 # the worker
             code = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches it via the parent
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)   # (until it serves)
                 pin_to_cpu(settings.pin_cpu, index)
                 worker = ProxyServer(settings, reuse_port=True) if reuse_port else server
-                code = serve_until_signalled(worker, ("SIGTERM",))
+                code = serve_until_signalled(worker, ("SIGTERM",), parent)
             finally:
                 os._exit(code)
         children[pid] = time.monotonic()
@@ -3645,10 +3711,10 @@ def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:
             os._exit(1)
         stopping.append(signum)
 
-    for index in range(count):
-        start(index)
     for name in ("SIGTERM", "SIGINT"):
         signal.signal(getattr(signal, name), on_signal)
+    for index in range(count):
+        start(index)
     failed = False
     index = count
     while children:
@@ -3673,9 +3739,11 @@ def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:
     return 1 if failed or not stopping else 0
 
 
-def serve_until_signalled(server: ProxyServer, signals: Tuple[str, ...] = ("SIGTERM", "SIGINT")) -> int:
-    """Serve until SIGTERM or SIGINT; then stop accepting, let requests in flight finish for
-    up to SHUTDOWN_GRACE seconds, and return 0. A second signal exits at once."""
+def serve_until_signalled(server: ProxyServer, signals: Tuple[str, ...] = ("SIGTERM", "SIGINT"),
+                          parent: int = 0) -> int:
+    """Serve until SIGTERM or SIGINT (or, for a worker, until its `parent` is gone); then stop
+    accepting, let requests in flight finish for up to SHUTDOWN_GRACE seconds, and return 0.
+    A second signal exits at once."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -3686,8 +3754,11 @@ def serve_until_signalled(server: ProxyServer, signals: Tuple[str, ...] = ("SIGT
     for name in signals:
         signal.signal(getattr(signal, name), on_signal)
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
-    while not stop.wait(3600):
-        pass
+    # (short waits: Windows delivers Ctrl-C only between them; a worker checks on its parent)
+    while not stop.wait(0.5):
+        if parent and os.getppid() != parent:
+            log.warning("worker %d: the proxy's main process is gone; shutting down", os.getpid())
+            break
     with server.connections_lock:
         in_flight = sum(1 for handler in server.handlers if handler.busy)
     log.info("shutting down: no new connections; waiting up to %gs for %d request(s) in flight",

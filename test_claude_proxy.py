@@ -2131,6 +2131,8 @@ def test_e2e_http_level_errors_are_anthropic_shaped(proxy, request_line, status)
     sock.close()
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d" % status) and json.loads(payload)["type"] == "error"
+    if request_line.startswith(b"FOO"):
+        assert b"\r\nAllow: GET, HEAD" in head
 
 
 def test_e2e_either_auth_header_may_carry_the_key(upstream):
@@ -3205,3 +3207,126 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
         assert (line["direct_errors"], line["proxy_errors"]) == (0, 0), name
     assert figures["load_errors"] == 0 and figures["load_requests"] > 0 and figures["load_streams"] > 0
     assert figures["load_streams_complete"] == figures["load_streams"]
+
+
+def test_e2e_client_leaving_on_a_reused_upstream_connection_is_never_sent_again(upstream, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    closed = threading.Event()
+
+    def watch_proxy(handler, body):
+        note_when_proxy_closes(handler, closed)
+        handler.close_connection = True
+
+    with running_proxy(upstream.url, ping_interval=0.05) as server:
+        upstream.script.extend([json_text("warm"), watch_proxy])
+        assert Client(server).json("POST", "/v1/messages", req())[0] == 200     # the pool holds one now
+        sock = socket.create_connection(server.server_address[:2], timeout=10)
+        body = json.dumps(req()).encode()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: len(upstream.requests) == 2)
+        sock.close()
+        assert closed.wait(5)
+        assert wait_for(lambda: "client went away" in caplog.text)
+        upstream.script.append(json_text("next"))
+        assert Client(server).json("POST", "/v1/messages", req())[0] == 200
+    assert len(upstream.requests) == 3, "the abandoned request was sent upstream again"
+
+
+def test_header_parser_matches_the_email_parser_and_keeps_the_limits():
+    raw = (b"Content-Type: application/json\r\nX-Dup: 1\r\nx-dup: 2\r\nX-Space:   padded \r\n"
+           b"X-Latin: caf\xe9\r\n\r\n")
+    import email.parser
+    ours = cp.parse_headers(io.BytesIO(raw))
+    theirs = email.parser.Parser(_class=http.client.HTTPMessage).parsestr(raw.decode("iso-8859-1"))
+    assert ours.items() == theirs.items() and ours.get_all("x-dup") == ["1", "2"]
+    folded = cp.parse_headers(io.BytesIO(b"X-Folded: a\r\n b\r\n\r\n"))     # obs-fold: the email parser's way
+    assert folded["X-Folded"] == email.parser.Parser().parsestr("X-Folded: a\r\n b\r\n\r\n")["X-Folded"]
+    with pytest.raises(http.client.HTTPException):
+        cp.parse_headers(io.BytesIO(b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n"))
+    with pytest.raises(http.client.LineTooLong):
+        cp.parse_headers(io.BytesIO(b"H: " + b"v" * 70000 + b"\r\n\r\n"))
+
+
+def test_a_ping_never_blocks_the_heartbeat_on_a_client_that_stopped_reading():
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                ours.send(b"x" * 65536)        # the client reads nothing: its buffers are full
+        ours.setblocking(True)
+        writer = cp.SSEWriter(ours.makefile("wb", buffering=0), lambda: None, ours)
+        writer.last_write = 0
+        done = threading.Event()
+        threading.Thread(target=lambda: (writer.ping_if_idle(100.0, 5.0), done.set()), daemon=True).start()
+        assert done.wait(5), "the heartbeat blocked on one client"
+        assert writer.unsent == cp._http_chunk(cp.PING_BYTES)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_doctor_reset_during_tls_without_a_proxy_is_not_blamed_on_a_proxy(clean_proxy_env):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def reset_each():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(1024)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()
+
+    threading.Thread(target=reset_each, daemon=True).start()
+    try:
+        ok, out = doctor("https://127.0.0.1:%d/v1" % listener.getsockname()[1])
+    finally:
+        listener.close()
+    assert not ok and "FAIL tls      connection to 127.0.0.1 broken during the TLS handshake" in out, out
+    assert "HTTPS_PROXY;" not in out and "check HTTPS_PROXY" not in out
+
+
+def test_doctor_reasoning_model_that_spends_its_one_token_still_passes(upstream, clean_proxy_env):
+    upstream.script.append(json_reply({"error": {"message": "Could not finish the message because max_tokens or model "
+                                                            "output limit was reached. Please try again with higher max_tokens."}}, 400))
+    ok, out = doctor(upstream.url, big_model="o3", small_model="o3")
+    assert ok and "ok   opus     o3 answered (up to its 1-token limit)" in out, out
+
+
+def test_settings_ca_bundle_that_is_not_pem_names_the_setting(tmp_path):
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ValueError, match="CA_BUNDLE .* is not a PEM file of certificates"):
+        cp.load_settings({"CA_BUNDLE": str(tmp_path / "bad.pem")}, [], "")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT workers")
+def test_command_line_workers_refuse_a_port_in_use_and_stop_when_the_main_process_dies(upstream, tmp_path):
+    first = ProxyProcess(cwd=str(tmp_path), env={"OPENAI_BASE_URL": upstream.url})
+    try:
+        second = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--workers", "2", "--port",
+                                 str(first.port)], cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                timeout=30)
+        assert second.returncode == 2 and b"in use" in second.stdout, second.stdout
+    finally:
+        first.stop()
+    proxy = ProxyProcess("--workers", "2", cwd=str(tmp_path), env={"OPENAI_BASE_URL": upstream.url})
+    try:
+        assert wait_for(lambda: len(child_pids(proxy.process.pid)) == 2)
+        workers = child_pids(proxy.process.pid)
+        proxy.process.kill()                   # the main process dies without passing anything on
+        proxy.process.wait(10)
+
+        def gone(pid):
+            try:
+                with open("/proc/%d/status" % pid) as handle:
+                    return "zombie" in handle.read()
+            except OSError:
+                return True
+
+        assert wait_for(lambda: all(gone(pid) for pid in workers)), "workers outlived the main process"
+    finally:
+        proxy.stop()
