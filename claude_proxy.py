@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ import select
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -2132,6 +2134,71 @@ def _still_open(conn: http.client.HTTPConnection) -> bool:
         return False
 
 
+# Timeouts (REQUEST_TIMEOUT on upstream connections and on client connections) are the
+# kernel's where it can keep them (SO_RCVTIMEO / SO_SNDTIMEO on a blocking socket, Linux, plain
+# TCP): a socket with a Python timeout polls before every recv and send, which costs a second
+# system call and a second release of the GIL per read of a stream chunk. TLS sockets keep the
+# Python timeout (the ssl module retries a read the kernel timed out, forever), as does every
+# other platform. A read the kernel timed out fails with EAGAIN, which the socket module's file
+# objects take for "no data yet" (read1() and readline() return b"", as at the end of the
+# stream): the socket class below turns it into socket.timeout, exactly what the Python
+# timeout raised.
+KERNEL_TIMEOUTS = (sys.platform.startswith("linux") and hasattr(socket, "SO_RCVTIMEO")
+                   and hasattr(socket, "SO_SNDTIMEO") and struct.calcsize("l") == 8)   # (timeval: 2 longs)
+
+
+class _KernelTimedIO(socket.SocketIO):
+    """A socket's raw reader where EAGAIN (the kernel's timeout) is socket.timeout."""
+
+    def readinto(self, b: Any) -> Optional[int]:
+        self._checkClosed()
+        self._checkReadable()
+        if self._timeout_occurred:
+            raise OSError("cannot read from timed out object")
+        try:
+            return self._sock.recv_into(b)
+        except BlockingIOError:
+            self._timeout_occurred = True
+            raise socket.timeout("timed out") from None
+
+
+class KernelTimedSocket(socket.socket):
+    """A blocking socket whose timeouts the kernel keeps: a timed-out read or write raises
+    socket.timeout, as with settimeout(). (recv with MSG_DONTWAIT still raises BlockingIOError.)"""
+
+    __slots__ = ()
+
+    def makefile(self, mode: str = "r", buffering: Optional[int] = None, **kwargs: Any) -> Any:
+        if mode != "rb" or buffering == 0 or kwargs:
+            return super().makefile(mode, buffering, **kwargs)
+        raw = _KernelTimedIO(self, "rb")
+        self._io_refs += 1
+        return io.BufferedReader(raw, buffering if buffering and buffering > 0 else io.DEFAULT_BUFFER_SIZE)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        try:
+            super().sendall(data, flags)
+        except BlockingIOError:
+            raise socket.timeout("timed out") from None
+
+
+def set_io_timeout(sock: socket.socket, seconds: float) -> bool:
+    """Reads and writes on `sock` fail with socket.timeout after `seconds` without progress:
+    a kernel timeout on a blocking socket where possible (True), settimeout() otherwise. Before
+    the socket's makefile(): the file objects are made for the kernel's timeouts."""
+    if KERNEL_TIMEOUTS and type(sock) in (socket.socket, KernelTimedSocket):
+        seconds = min(seconds, 2.0 ** 31)
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, max(int((seconds - whole) * 1e6), 0 if whole else 1))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        sock.settimeout(None)
+        sock.__class__ = KernelTimedSocket
+        return True
+    sock.settimeout(seconds)
+    return False
+
+
 def public_url(url: str) -> str:
     """A URL as the banner shows it: scheme, host, port and path; never credentials or query."""
     parts = urllib.parse.urlsplit(url)
@@ -2245,7 +2312,7 @@ class UpstreamPool:
             raise ProxyError(504, "timeout_error", "could not connect to upstream %s within %gs "
                              "(CONNECT_TIMEOUT)" % (self.origin, self.connect_timeout)) from None
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sock.settimeout(self.read_timeout)
+        set_io_timeout(conn.sock, self.read_timeout)
         return conn
 
     def _acquire(self, fresh: bool) -> Tuple[http.client.HTTPConnection, bool]:
@@ -2824,8 +2891,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         # A client that stops reading (or sits idle on a kept-alive connection) frees its
-        # thread after this long instead of holding it forever.
+        # thread after this long instead of holding it forever (StreamRequestHandler.setup
+        # calls settimeout() unless the kernel keeps the timeout).
         self.timeout = self.server.settings.request_timeout
+        if set_io_timeout(self.request, self.timeout):
+            self.timeout = None
         self.busy = False
         self.linger = False
         super().setup()
@@ -3286,10 +3356,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise socket.timeout()
-                sock.settimeout(remaining)
+                set_io_timeout(sock, remaining)
                 if not response.read1(65536):
                     break
-            sock.settimeout(self.server.pool.read_timeout)
+            set_io_timeout(sock, self.server.pool.read_timeout)
         except (OSError, http.client.HTTPException, ValueError):
             _close_upstream(conn)
             return

@@ -1749,6 +1749,28 @@ def test_e2e_upstream_unreachable_is_502(upstream):
         stop_proxy(server)
 
 
+def test_kernel_timeouts_raise_socket_timeout_like_python_timeouts():
+    """A read or write the kernel timed out (EAGAIN on a blocking socket) is socket.timeout,
+    never the b"" of a closed stream."""
+    a, b = socket.socketpair()
+    with a, b:
+        if not cp.set_io_timeout(a, 0.05):
+            pytest.skip("Python timeouts on this platform")
+        assert a.gettimeout() is None and isinstance(a, cp.KernelTimedSocket)
+        reader = a.makefile("rb")
+        with pytest.raises(socket.timeout):
+            reader.read1(100)
+        with pytest.raises(OSError):           # as after a Python timeout
+            reader.read1(100)
+        reader.close()
+        with pytest.raises(socket.timeout):
+            a.sendall(b"x" * (16 << 20))       # nobody reads b
+        with pytest.raises(BlockingIOError):   # (a non-blocking peek still says "nothing yet")
+            a.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        b.sendall(b"line\nrest")
+        assert a.makefile("rb").readline() == b"line\n"
+
+
 def test_e2e_upstream_timeout_is_504(upstream):
     release = threading.Event()
 
