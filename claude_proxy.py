@@ -32,8 +32,6 @@ import base64
 import contextlib
 import dataclasses
 import email.parser
-import hashlib
-import hmac
 import http.client
 import http.server
 import io
@@ -50,8 +48,11 @@ import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 from bisect import bisect_right
+try:                                    # what hmac.compare_digest is, without hmac and hashlib
+    from _operator import _compare_digest as compare_digest
+except ImportError:                     # (another Python implementation)
+    from hmac import compare_digest
 from itertools import accumulate, repeat
 from operator import add
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NoReturn, Optional, Tuple
@@ -477,6 +478,7 @@ def thinking_signature(thinking: str) -> str:
     """The signature of a thinking block this proxy made: it marks the block as ours and binds
     it to its text, so the reasoning can be replayed upstream when the client sends it back."""
     # A stream may cut a surrogate pair between chunks: pair them up again, as the client does.
+    import hashlib                         # (only for thinking blocks and short tool ids: imported then)
     paired = thinking.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
     return THINKING_SIGNATURE_PREFIX + hashlib.sha256(paired.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
@@ -917,6 +919,7 @@ def to_openai(request: Dict[str, Any], settings: Settings,
 def _hashed_id(tool_id: str, length: int) -> str:
     """`length` base62 characters derived from the id: the same id always maps the same way,
     so a call and its result still pair up."""
+    import hashlib
     number = int.from_bytes(hashlib.sha256(tool_id.encode("utf-8", "surrogatepass")).digest(), "big")
     chars = []
     for _ in range(length):
@@ -2199,6 +2202,17 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
+def environment_proxies() -> Dict[str, str]:
+    """urllib.request.getproxies(), without importing urllib.request (and hashlib with it) when
+    it would find nothing: where it reads only the environment (not macOS, not Windows), no
+    variable named *_proxy in any case means no proxy."""
+    if sys.platform != "darwin" and os.name != "nt" and not any(
+            name[-6:].lower() == "_proxy" for name in os.environ):
+        return {}
+    import urllib.request
+    return urllib.request.getproxies()
+
+
 def public_url(url: str) -> str:
     """A URL as the banner shows it: scheme, host, port and path; never credentials or query."""
     parts = urllib.parse.urlsplit(url)
@@ -2267,14 +2281,17 @@ class UpstreamPool:
         self.read_timeout = read_timeout
         self.max_idle = max_idle
         self.ssl_context = upstream_ssl_context(ca_bundle) if self.https else None
-        self.proxy = self._proxy_for(proxies if proxies is not None else urllib.request.getproxies())
+        self.proxy = self._proxy_for(proxies if proxies is not None else environment_proxies())
         self.via = " via proxy %s" % public_url(self.proxy.geturl()) if self.proxy is not None else ""
         self._idle: List[Tuple[http.client.HTTPConnection, float]] = []
         self._lock = threading.Lock()
 
     def _proxy_for(self, proxies: Dict[str, str]) -> Optional[urllib.parse.SplitResult]:
         proxy = proxies.get("https" if self.https else "http")
-        if not proxy or self.host in LOOPBACK_HOSTS or urllib.request.proxy_bypass(self.host):
+        if not proxy or self.host in LOOPBACK_HOSTS:
+            return None
+        import urllib.request
+        if urllib.request.proxy_bypass(self.host):
             return None
         if "://" not in proxy:
             proxy = "http://" + proxy
@@ -3071,7 +3088,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         authorization = self.headers.get("Authorization") or ""
         bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
         # Some setups send both headers (ANTHROPIC_API_KEY and ANTHROPIC_AUTH_TOKEN): either may match.
-        matches = [hmac.compare_digest(given.encode(), expected.encode())
+        matches = [compare_digest(given.encode(), expected.encode())
                    for given in (self.headers.get("x-api-key") or "", bearer)]
         if not any(matches):
             raise ProxyError(401, "authentication_error", "invalid x-api-key")
