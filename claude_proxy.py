@@ -3715,6 +3715,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("claude-code-proxy: %s" % exc, file=sys.stderr)
         return 2
     configure_logging(settings)
+    limit_malloc_arenas()                # before any thread starts
     if args.check:
         try:
             return 0 if Doctor(settings, sys.stdout).run() else 1
@@ -3752,6 +3753,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_workers(server, workers, reuse_port)
     pin_to_cpu(settings.pin_cpu, 0)
     return serve_until_signalled(server)
+
+
+def limit_malloc_arenas(count: int = 2) -> None:
+    """glibc gives a thread that finds the malloc arenas busy an arena of its own, up to 8 per
+    core, and memory freed into one arena serves no other: with 64 requests in flight (90 KB
+    bodies) that is ~10 MB more peak RSS. Python allocates holding the GIL, so two arenas cost
+    no waiting. MALLOC_ARENA_MAX in the environment, which glibc reads itself, wins."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return
+        import ctypes
+        ctypes.CDLL(None).mallopt(-8, count)        # M_ARENA_MAX
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
 
 
 def pin_to_cpu(pin_cpu: int, index: int) -> None:
