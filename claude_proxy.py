@@ -120,9 +120,10 @@ class Settings:
     workers: int = _setting(
         1, "WORKERS", "processes serving the port, each with its own threads and upstream "
         "connections (Linux and macOS); one Python process uses about one core")
-    pin_cpu: int = _setting(
-        -1, "PIN_CPU", "run the proxy on this one CPU (Linux; -1: any). One Python process uses one "
-        "core at a time; pinned, its threads stop contending across cores under concurrent load")
+    pin_cpu: str = _setting(
+        "auto", "PIN_CPU", "auto: keep the proxy on one CPU where there are several (Linux): one "
+        "Python process runs on one core at a time, and its threads handing the interpreter lock "
+        "across cores cost about half its CPU under load; off: any CPU; N: CPU number N")
     reasoning_replay: str = _setting(
         "auto", "REASONING_REPLAY", "assistant field that carries earlier reasoning back upstream: "
         "auto (DeepSeek: reasoning_content), off, reasoning_content or reasoning")
@@ -238,6 +239,8 @@ def check_settings(settings: Settings) -> None:
                  "max_concurrency", "workers"):
         if getattr(settings, name) <= 0:
             raise ValueError("%s must be more than 0, got %s" % (name.upper(), getattr(settings, name)))
+    if settings.pin_cpu.lower() not in ("auto", "off", "-1") and not DIGITS.match(settings.pin_cpu):
+        raise ValueError("PIN_CPU must be auto, off or a CPU number, got %r" % settings.pin_cpu)
     if settings.shutdown_grace < 0 or settings.max_tokens_limit < 0:
         raise ValueError("SHUTDOWN_GRACE and MAX_TOKENS_LIMIT cannot be negative")
     if settings.ca_bundle:
@@ -3771,16 +3774,27 @@ def limit_malloc_arenas(count: int = 2) -> None:
         pass
 
 
-def pin_to_cpu(pin_cpu: int, index: int) -> None:
-    """PIN_CPU: worker `index` runs on the index-th allowed CPU from PIN_CPU on."""
-    if pin_cpu < 0:
+def pin_to_cpu(pin_cpu: str, index: int) -> None:
+    """PIN_CPU for worker `index`: auto puts worker i on the i-th allowed CPU counted down from
+    the last (where interrupts are rarer); N puts it on the i-th counted up from CPU N."""
+    setting = pin_cpu.lower()
+    if setting in ("off", "-1") or not hasattr(os, "sched_setaffinity"):
         return
     try:
         cpus = sorted(os.sched_getaffinity(0))
-        start = cpus.index(pin_cpu) if pin_cpu in cpus else 0
-        os.sched_setaffinity(0, {cpus[(start + index) % len(cpus)] if index else pin_cpu})
-    except (AttributeError, OSError, ValueError) as exc:
-        print("claude-code-proxy: PIN_CPU=%d not applied: %s" % (pin_cpu, exc), file=sys.stderr)
+        if setting == "auto":
+            if len(cpus) < 2:
+                return
+            cpu = cpus[(len(cpus) - 1 - index) % len(cpus)]
+        else:
+            wanted = int(setting)
+            if wanted not in cpus:
+                raise ValueError("CPU %d is not one this process may use (%s)" % (
+                    wanted, ", ".join(map(str, cpus))))
+            cpu = cpus[(cpus.index(wanted) + index) % len(cpus)]
+        os.sched_setaffinity(0, {cpu})
+    except (OSError, ValueError) as exc:
+        print("claude-code-proxy: PIN_CPU=%s not applied: %s" % (pin_cpu, exc), file=sys.stderr)
 
 
 def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:

@@ -182,7 +182,7 @@ def test_settings_original_variable_names_and_alias():
     ({"UPSTREAM_STREAMING": "maybe"}, "UPSTREAM_STREAMING must be one of on, off"),
     ({"MAX_CONCURRENCY": "0"}, "MAX_CONCURRENCY must be more than 0"),
     ({"CA_BUNDLE": "/no/such/ca.pem"}, "CA_BUNDLE: no such file"),
-    ({"PROVIDER": "foo"}, "PROVIDER must be auto or one of"),
+    ({"PROVIDER": "foo"}, "PROVIDER must be auto or one of"), ({"PIN_CPU": "fast"}, "PIN_CPU must be auto, off or a CPU number"),
 ])
 def test_settings_bad_values_are_one_clear_line(environ, message):
     with pytest.raises(ValueError) as info:
@@ -3350,5 +3350,18 @@ def test_command_line_workers_refuse_a_port_in_use_and_stop_when_the_main_proces
                 return True
 
         assert wait_for(lambda: all(gone(pid) for pid in workers)), "workers outlived the main process"
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and more than one CPU")
+@pytest.mark.parametrize("pin,expected", [(None, "last"), ("off", "all")])
+def test_command_line_runs_on_one_cpu_unless_told_otherwise(tmp_path, pin, expected):
+    allowed = os.sched_getaffinity(0)
+    proxy = ProxyProcess(*(["--pin-cpu", pin] if pin else []), cwd=str(tmp_path),
+                         env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    try:
+        assert os.sched_getaffinity(proxy.process.pid) == ({max(allowed)} if expected == "last" else allowed)
     finally:
         proxy.stop()
