@@ -3127,24 +3127,47 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, payload: Any, headers: Optional[Dict[str, str]] = None) -> None:
         body = json_bytes(payload)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("request-id", self.request_id)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.server.draining:
-            self.send_header("Connection", "close")
         if self.request_version == "HTTP/0.9":
+            self.send_response(status)
             self.end_headers()
             self.response_started = True
             if self.command != "HEAD":
                 self.wfile.write(body)
             return
+        self._response_head(status, b"Content-Type: application/json\r\nContent-Length: %d\r\nrequest-id: %s\r\n"
+                            % (len(body), self.request_id.encode("latin-1")))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.server.draining:
+            self.send_header("Connection", "close")
         # end_headers(), with the body in the same write: one send() instead of two
         self._headers_buffer.append(b"\r\n" if self.command == "HEAD" else b"\r\n" + body)
         self.flush_headers()
         self.response_started = True
+
+    def _response_head(self, status: int, lines: bytes) -> None:
+        """send_response(status) and then send_header() for each of `lines` (encoded header
+        lines, Connection not among them), in one string instead of a dozen: the same bytes.
+        Not for HTTP/0.9, which has no headers."""
+        self.status = status
+        message = self.responses[status][0] if status in self.responses else ""
+        if not hasattr(self, "_headers_buffer"):
+            self._headers_buffer = []
+        self._headers_buffer.append(b"%s %d %s\r\nServer: %s\r\nDate: %s\r\n%s" % (
+            self.protocol_version.encode("latin-1"), status, message.encode("latin-1"),
+            self.version_string().encode("latin-1"), self.date_time_string().encode("latin-1"), lines))
+
+    def date_time_string(self, timestamp: Optional[float] = None) -> str:
+        """The Date header's value, formatted once a second (it names whole seconds)."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        cached = Handler._date
+        if cached[0] != second:
+            cached = Handler._date = (second, super().date_time_string(second))
+        return cached[1]
+
+    _date: Tuple[int, str] = (-1, "")
 
     def _send_error(self, err: ProxyError) -> None:
         if self.watch is not None and self.watch.gone:   # our own doing: the client had left
@@ -3380,12 +3403,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              % exc.__class__.__name__) from None
 
     def _start_stream(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header("request-id", self.request_id)
+        self._response_head(200, b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n"
+                            b"Transfer-Encoding: chunked\r\nX-Accel-Buffering: no\r\nrequest-id: %s\r\n"
+                            % self.request_id.encode("latin-1"))
         if self.server.draining:
             self.send_header("Connection", "close")
         self.end_headers()
