@@ -2593,14 +2593,17 @@ def _http_chunk(payload: bytes) -> bytes:
 class SSEWriter:
     """Writes events to the client as HTTP chunks; shared with the heartbeat under a lock."""
 
-    def __init__(self, wfile: Any, on_client_gone: Callable[[], None], sock: Optional[socket.socket] = None) -> None:
+    def __init__(self, wfile: Any, on_client_gone: Callable[[], None], sock: Optional[socket.socket] = None,
+                 head: bytes = b"") -> None:
         self.wfile = wfile
         self.sock = sock
         self.lock = threading.Lock()
         self.last_write = time.monotonic()
         self.closed = False
         self.on_client_gone = on_client_gone
-        self.unsent = b""            # the part of a ping the client's socket had no room for
+        # What the client is owed before the next chunk: the response head, until the first
+        # events go out with it; then the part of a ping its socket had no room for.
+        self.unsent = head
 
     def _write(self, payload: bytes) -> None:
         try:
@@ -3402,14 +3405,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ProxyError(502, "api_error", "upstream answer has an unexpected shape (%s)"
                              % exc.__class__.__name__) from None
 
-    def _start_stream(self) -> None:
+    def _stream_head(self) -> bytes:
+        """The head of a streamed response, for the SSE writer to send with the first events
+        (one send, and one wake-up of the client, instead of two)."""
         self._response_head(200, b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n"
                             b"Transfer-Encoding: chunked\r\nX-Accel-Buffering: no\r\nrequest-id: %s\r\n"
                             % self.request_id.encode("latin-1"))
         if self.server.draining:
             self.send_header("Connection", "close")
-        self.end_headers()
+        self._headers_buffer.append(b"\r\n")
+        head = b"".join(self._headers_buffer)
+        self._headers_buffer = []
         self.response_started = True
+        return head
 
     def _drain_and_release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         """After [DONE], read the end of the chunked body (briefly) so the connection can be
@@ -3433,16 +3441,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._release(conn, response)
 
     def _send_stream_whole(self, events: List[Dict[str, Any]]) -> None:
-        self._start_stream()
-        SSEWriter(self.wfile, lambda: None).end(events)
+        SSEWriter(self.wfile, lambda: None, head=self._stream_head()).end(events)
 
     def _stream(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
                 ctx: ResponseContext) -> None:
         """Translate the upstream SSE stream event by event as its chunks arrive."""
         translator = StreamTranslator(ctx, lambda: new_id("toolu_"))
-        writer = SSEWriter(self.wfile, lambda: _shutdown_upstream(conn), self.connection)
+        writer = SSEWriter(self.wfile, lambda: _shutdown_upstream(conn), self.connection, self._stream_head())
         heartbeat = self.server.heartbeat
-        self._start_stream()
         saw_done = False
         try:
             writer.write(translator.start())
