@@ -1768,7 +1768,25 @@ class StreamTranslator:
 
 def encode_sse(event: Dict[str, Any]) -> bytes:
     """One SSE event: `event:` line named after data.type, one `data:` line, blank line."""
-    return b"event: " + event["type"].encode("ascii") + b"\ndata: " + json_bytes(event) + b"\n\n"
+    kind = event["type"]
+    if kind == "content_block_delta" and len(event) == 3:
+        # Most events of a stream: the same bytes json_bytes() makes, from a template.
+        delta = event["delta"]
+        template = _DELTA_TEMPLATES.get(delta["type"])
+        if template is not None and len(delta) == 2 and type(event["index"]) is int:
+            text = delta[template[1]]
+            if type(text) is str:
+                return template[0] % (event["index"], _json_string(text).encode("ascii"))
+    return b"event: " + kind.encode("ascii") + b"\ndata: " + json_bytes(event) + b"\n\n"
+
+
+# The JSON string encoder json_bytes() uses (compact, ASCII with \\uXXXX escapes).
+_json_string = json.encoder.encode_basestring_ascii
+_DELTA_TEMPLATES = {
+    kind: (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+           b'"delta":{"type":"' + kind.encode("ascii") + b'","' + field.encode("ascii") + b'":%s}}\n\n', field)
+    for kind, field in (("text_delta", "text"), ("thinking_delta", "thinking"),
+                        ("input_json_delta", "partial_json"))}
 
 
 def message_to_events(message: Dict[str, Any]) -> List[Dict[str, Any]]:
