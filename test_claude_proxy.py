@@ -3365,3 +3365,21 @@ def test_command_line_runs_on_one_cpu_unless_told_otherwise(tmp_path, pin, expec
         assert os.sched_getaffinity(proxy.process.pid) == ({max(allowed)} if expected == "last" else allowed)
     finally:
         proxy.stop()
+
+
+def test_command_line_text_access_line_is_in_the_log_format_and_redacted(upstream, tmp_path):
+    upstream.script.append(json_text("logged"))
+    proxy = ProxyProcess(cwd=str(tmp_path), env={"OPENAI_BASE_URL": upstream.url,
+                                                 "OPENAI_API_KEY": "sk-access-secret-123456"})
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        conn.request("POST", "/v1/messages?beta=true", json.dumps(req(model="m-sk-access-secret-123456")),
+                     {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        assert wait_for(lambda: "POST /v1/messages 200" in proxy.output), proxy.output
+    finally:
+        proxy.stop()
+    line = [l for l in proxy.lines if "POST /v1/messages 200" in l][0]
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO POST /v1/messages 200 m-\*\*\* -> m-\*\*\* "
+                    r"in=\d+ out=\d+ \d+\.\d{3}s\n$", line), line
+    assert "sk-access-secret-123456" not in proxy.output
