@@ -2632,6 +2632,22 @@ def test_e2e_upstream_that_reads_the_request_then_hangs_up_is_not_replayed(upstr
     assert status == 502 and len(upstream.requests) == 1, "a request the upstream received was sent again"
 
 
+def send_raw_post(address, request):
+    """A POST /v1/messages of `request` on a new socket, left open (to be read or abandoned)."""
+    sock = socket.create_connection(address, timeout=10)
+    body = json.dumps(request).encode()
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def closing_watcher(closed):
+    """An upstream responder that sets `closed` once the proxy closes its connection."""
+    def watch_proxy(handler, body):
+        note_when_proxy_closes(handler, closed)
+        handler.close_connection = True
+    return watch_proxy
+
+
 def wait_for(condition, timeout=10.0):
     """Wait (polling) until condition() is true; False if it never was."""
     deadline = threading.Event()
@@ -2662,16 +2678,10 @@ def held_upstream(upstream, answer, started=None):
 def test_e2e_client_leaving_a_non_stream_request_closes_the_upstream_request(upstream, caplog):
     caplog.set_level(logging.INFO, logger="claude_proxy")
     closed = threading.Event()
-
-    def watch_proxy(handler, body):
-        note_when_proxy_closes(handler, closed)
-        handler.close_connection = True
-
+    watch_proxy = closing_watcher(closed)
     upstream.script.append(watch_proxy)
     with running_proxy(upstream.url, ping_interval=30) as server:
-        sock = socket.create_connection(server.server_address[:2], timeout=10)
-        body = json.dumps(req()).encode()
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = send_raw_post(server.server_address[:2], req())
         assert wait_for(lambda: upstream.requests)
         sock.close()
         assert closed.wait(3), "the upstream kept working for a client that had left"
@@ -2692,9 +2702,7 @@ def test_e2e_client_leaving_a_silent_stream_closes_the_upstream_without_waiting_
 
     upstream.script.append(respond)
     with running_proxy(upstream.url, ping_interval=30) as server:
-        sock = socket.create_connection(server.server_address[:2], timeout=10)
-        body = json.dumps(req(stream=True)).encode()
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = send_raw_post(server.server_address[:2], req(stream=True))
         received = b""
         while b"thinking hard" not in received:
             received += sock.recv(65536)
@@ -2722,9 +2730,7 @@ def test_e2e_fifty_abandoned_streams_leave_no_thread_or_descriptor_behind(upstre
                 handler.close_connection = True
 
             upstream.script.append(respond)
-            sock = socket.create_connection(server.server_address[:2], timeout=10)
-            body = json.dumps(req(stream=True)).encode()
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            sock = send_raw_post(server.server_address[:2], req(stream=True))
             received = b""
             while b"partial" not in received:
                 received += sock.recv(65536)
@@ -3234,17 +3240,11 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
 def test_e2e_client_leaving_on_a_reused_upstream_connection_is_never_sent_again(upstream, caplog):
     caplog.set_level(logging.INFO, logger="claude_proxy")
     closed = threading.Event()
-
-    def watch_proxy(handler, body):
-        note_when_proxy_closes(handler, closed)
-        handler.close_connection = True
-
+    watch_proxy = closing_watcher(closed)
     with running_proxy(upstream.url, ping_interval=0.05) as server:
         upstream.script.extend([json_text("warm"), watch_proxy])
         assert Client(server).json("POST", "/v1/messages", req())[0] == 200     # the pool holds one now
-        sock = socket.create_connection(server.server_address[:2], timeout=10)
-        body = json.dumps(req()).encode()
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = send_raw_post(server.server_address[:2], req())
         assert wait_for(lambda: len(upstream.requests) == 2)
         sock.close()
         assert closed.wait(5)
