@@ -3864,14 +3864,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("claude-code-proxy: %s" % exc, file=sys.stderr)
         return 2
     attach_access_log(server)
-    print(banner(settings, server, workers), file=sys.stderr, flush=True)
-    if not settings.openai_api_key and urllib.parse.urlsplit(settings.openai_base_url).hostname not in LOOPBACK_HOSTS:
-        log.warning("OPENAI_API_KEY is not set; the upstream will probably answer 401")
-    if settings.host not in LOOPBACK_HOSTS and not settings.anthropic_api_key:
-        log.warning("listening on %s without ANTHROPIC_API_KEY: anyone who can reach this port can use "
-                    "the upstream key; set ANTHROPIC_API_KEY to require a key from clients", settings.host)
+
+    def announce() -> None:            # once connections are accepted
+        print(banner(settings, server, workers), file=sys.stderr, flush=True)
+        if not settings.openai_api_key and urllib.parse.urlsplit(settings.openai_base_url).hostname not in LOOPBACK_HOSTS:
+            log.warning("OPENAI_API_KEY is not set; the upstream will probably answer 401")
+        if settings.host not in LOOPBACK_HOSTS and not settings.anthropic_api_key:
+            log.warning("listening on %s without ANTHROPIC_API_KEY: anyone who can reach this port can use "
+                        "the upstream key; set ANTHROPIC_API_KEY to require a key from clients", settings.host)
+
     if workers > 1:
-        return run_workers(server, workers, reuse_port)
+        return run_workers(server, workers, reuse_port, announce)
+    announce()
     pin_to_cpu(settings.pin_cpu, 0)
     return serve_until_signalled(server)
 
@@ -3915,7 +3919,7 @@ def pin_to_cpu(pin_cpu: str, index: int) -> None:
         print("claude-code-proxy: PIN_CPU=%s not applied: %s" % (pin_cpu, exc), file=sys.stderr)
 
 
-def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:
+def run_workers(server: ProxyServer, count: int, reuse_port: bool, announce: Callable[[], None]) -> int:
     """WORKERS > 1: fork that many workers and watch them. SIGTERM or SIGINT is passed on to
     each as one SIGTERM (each then shuts down gracefully); a second signal kills them. A worker
     that dies on its own is replaced, unless it died within a second of starting."""
@@ -3924,20 +3928,31 @@ def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:
     stopping: List[int] = []
 
     parent = os.getpid()
+    ready_read, ready_write = os.pipe()     # a byte from each worker once it listens
 
-    def start(index: int) -> None:
+    def start(index: int, ready: bool = False) -> None:
+        # Signals wait until the new worker has its own handlers (it must never run the
+        # parent's, which would signal its siblings).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         pid = os.fork()
         if pid == 0:                 # the worker
             code = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches it via the parent
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)   # (until it serves)
+                # Until it serves it has nothing in flight: a SIGTERM then is a clean exit.
+                signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
                 pin_to_cpu(settings.pin_cpu, index)
                 worker = attach_access_log(ProxyServer(settings, reuse_port=True)) if reuse_port else server
+                if ready:
+                    os.close(ready_read)
+                    os.write(ready_write, b".")
+                    os.close(ready_write)
                 code = serve_until_signalled(worker, ("SIGTERM",), parent)
             finally:
                 os._exit(code)
         children[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
     def on_signal(signum: int, frame: Any) -> None:
         for pid in list(children):
@@ -3950,7 +3965,16 @@ def run_workers(server: ProxyServer, count: int, reuse_port: bool) -> int:
     for name in ("SIGTERM", "SIGINT"):
         signal.signal(getattr(signal, name), on_signal)
     for index in range(count):
-        start(index)
+        start(index, ready=True)
+    os.close(ready_write)
+    started = 0
+    while started < count:                  # (a worker that fails at start closes its end too)
+        got = os.read(ready_read, count)
+        if not got:
+            break
+        started += len(got)
+    os.close(ready_read)
+    announce()
     failed = False
     index = count
     while children:
