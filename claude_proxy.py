@@ -1421,6 +1421,15 @@ def _loads_or_none(fragments: List[str]) -> Any:
         return None
 
 
+@dataclasses.dataclass
+class StreamEnd:
+    """How a translated stream ended, for whoever drives a translator (no list positions)."""
+    stop_reason: Optional[str] = None           # set when the answer ended normally
+    stop_sequence: Optional[str] = None
+    usage: Optional[Dict[str, int]] = None      # the Anthropic usage of the message_delta
+    error: Optional[Dict[str, str]] = None      # {"type", "message"} when it ended with an error
+
+
 class StreamTranslator:
     """Parsed Chat Completion chunks in, Anthropic SSE events (dicts) out. No I/O.
 
@@ -1473,6 +1482,7 @@ class StreamTranslator:
         self.tail_length = max((len(s) for s in ctx.stop_sequences), default=0)
         self.output_chars = 0
         self.ended = False
+        self.result: Optional[StreamEnd] = None    # set once ended
 
     # -- events ---------------------------------------------------------------------------
 
@@ -1559,13 +1569,16 @@ class StreamTranslator:
                        "usage": usage})
         events.append({"type": "message_stop"})
         self.ended = True
+        self.result = StreamEnd(stop_reason, stop_sequence, usage)
         return events
 
     def fail(self, error_type: str, message: str) -> List[Dict[str, Any]]:
         if self.ended:
             return []
         self.ended = True
-        return [{"type": "error", "error": {"type": error_type, "message": message}}]
+        error = {"type": error_type, "message": message}
+        self.result = StreamEnd(error=error)
+        return [{"type": "error", "error": error}]
 
     # -- transitions ----------------------------------------------------------------------
 
@@ -3535,14 +3548,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             heartbeat.unwatch(self.watch)
             if writer.closed:                  # the heartbeat found the client gone
                 raise ClientGone()
-            if closing and closing[-1]["type"] == "error":
-                error = closing[-1]["error"]
-                error["message"] = self.server.redact(error["message"])
-                self.log_note += " stream error: " + error["message"]
+            ended = translator.result
+            if ended is not None and ended.error is not None:
+                ended.error["message"] = self.server.redact(ended.error["message"])
+                self.log_note += " stream error: " + ended.error["message"]
                 self.close_connection = True
                 saw_done = False
-            elif closing and closing[-2:-1] and closing[-2]["type"] == "message_delta":
-                self._note_usage(closing[-2]["usage"])
+            elif ended is not None:
+                self._note_usage(ended.usage)
             writer.end(closing)
             if saw_done:
                 self._drain_and_release(conn, response)
