@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import collections
 import contextlib
 import dataclasses
 import email.parser
@@ -48,14 +49,14 @@ import sys
 import threading
 import time
 import urllib.parse
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 try:                                    # what hmac.compare_digest is, without hmac and hashlib
     from _operator import _compare_digest as compare_digest
 except ImportError:                     # (another Python implementation)
     from hmac import compare_digest
 from itertools import accumulate, repeat
 from operator import add
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NoReturn, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -287,10 +288,11 @@ class Dialect:
     thinking_toggle: bool = False          # DeepSeek: thinking: {type} and reasoning_effort up to max
     thought_signatures: bool = False       # Gemini 3: replayed tool calls need a thought_signature
     accepts_pdf: bool = True               # takes {"type": "file"} parts with a PDF
+    prompt_cache_key: bool = False         # OpenAI: prompt_cache_key keeps a session on one cache
 
 
 DIALECTS = {d.name: d for d in (
-    Dialect("openai", completion_tokens_field=True),
+    Dialect("openai", completion_tokens_field=True, prompt_cache_key=True),
     Dialect("azure", api_key_header=True),
     Dialect("gemini", clean_schemas=True, thought_signatures=True),
     # DeepSeek (thinking mode with tools): 400 unless earlier reasoning comes back.
@@ -845,8 +847,9 @@ REASONING_EFFORT_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5|gpt-oss|gemini
 
 
 def to_openai(request: Dict[str, Any], settings: Settings,
-              dialect: Optional[Dialect] = None) -> Dict[str, Any]:
-    """A validated Anthropic Messages request -> a Chat Completions request (a new dict)."""
+              dialect: Optional[Dialect] = None, cache_key: str = "") -> Dict[str, Any]:
+    """A validated Anthropic Messages request -> a Chat Completions request (a new dict).
+    `cache_key` (Claude Code's session id) goes upstream where the provider routes by one."""
     model = map_model(request["model"], settings)
     dialect = dialect or resolve_dialect(settings, model)
     messages = adapt_messages(convert_messages(request["messages"], dialect.reasoning_replay), dialect)
@@ -869,6 +872,8 @@ def to_openai(request: Dict[str, Any], settings: Settings,
     if request.get("stream"):
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    if cache_key and dialect.prompt_cache_key:
+        body["prompt_cache_key"] = cache_key
     effort = reasoning_effort(request)
     if dialect.thinking_toggle:
         # DeepSeek V4: thinking is on by default; it takes Claude's effort names up to "max".
@@ -2592,6 +2597,481 @@ def iter_sse_data(lines: Iterable[bytes], origin: str = "upstream") -> Iterator[
 
 
 # =============================================================================================
+# Status
+# =============================================================================================
+# What the proxy did, for people (the page at GET /, its data at GET /status.json) and for
+# Prometheus (GET /metrics). Rules:
+# - Per request one RequestRecord: names, numbers and the error message; never prompt or
+#   answer text. Stats keeps the last 100 records and counters; its memory is bounded (label
+#   sets beyond MAX_SERIES fold into "other", the minute series keeps an hour).
+# - Counting is one lock and a few dict updates per request: nothing is formatted or sorted
+#   until someone asks for the page or the metrics.
+# - Access: with a client key (ANTHROPIC_API_KEY) the data and the metrics need it too; without
+#   one they are served only when the proxy listens on a loopback address.
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """What is kept of one request (never its prompt or answer)."""
+    started: float                 # epoch seconds
+    method: str
+    path: str
+    status: int
+    model: str = ""                # the client's model name
+    provider: str = ""             # the provider that answered
+    upstream_model: str = ""
+    stream: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    ttft: Optional[float] = None   # seconds to the first content
+    duration: float = 0.0
+    searches: int = 0              # web searches run for it
+    error: str = ""                # the error message of a failure
+    failed: Tuple[Tuple[str, str], ...] = ()     # (provider, kind) that failed before, in order
+    session: str = ""              # Claude Code's x-claude-code-session-id
+
+
+# Upper bounds in seconds (Prometheus `le`); a model's answer takes seconds to minutes.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+MAX_SERIES = 500           # distinct label sets per counter; more fold into "other"
+RECENT_REQUESTS = 100
+SERIES_MINUTES = 60
+
+
+class Histogram:
+    """Counts per bucket (not cumulative: the exposition adds them up), sum and count."""
+
+    def __init__(self, bounds: Tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)        # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1    # le: a value equal to a bound is in it
+        self.sum += value
+        self.count += 1
+
+
+def _bump(counter: Dict[Any, Any], key: Any, amount: int = 1) -> None:
+    if key not in counter and len(counter) >= MAX_SERIES:
+        key = tuple("other" for _ in key) if isinstance(key, tuple) else "other"
+    counter[key] = counter.get(key, 0) + amount
+
+
+class Stats:
+    """Counters of what the proxy did, shared by every request thread (one lock)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.recent: Deque[RequestRecord] = collections.deque(maxlen=RECENT_REQUESTS)
+        # (provider, upstream model) -> [requests, errors, input, output, cached]
+        self.totals: Dict[Tuple[str, str], List[int]] = {}
+        # (client model, upstream model, provider, status) -> requests
+        self.requests: Dict[Tuple[str, str, str, str], int] = {}
+        # (provider, upstream model, kind) -> tokens
+        self.tokens: Dict[Tuple[str, str, str], int] = {}
+        self.failures: Dict[Tuple[str, str], int] = {}      # (provider, kind) -> attempts that failed
+        self.failovers: Dict[Tuple[str, str], int] = {}     # (provider, kind) -> times the next one was tried
+        self.last_failure: Dict[str, Tuple[float, str, str]] = {}   # provider -> (time, kind, error)
+        self.searches = 0
+        self.duration = Histogram(DURATION_BUCKETS)
+        self.ttft = Histogram(TTFT_BUCKETS)
+        # minute (epoch // 60) -> [requests, errors, duration sum, input, output]; an hour kept
+        self.minutes: Dict[int, List[float]] = {}
+
+    def begin(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+
+    def end(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def record(self, rec: RequestRecord) -> None:
+        failed = rec.status >= 400 or bool(rec.error)
+        minute = int(rec.started // 60)
+        # a request no provider answered counts for the last one tried
+        key = (rec.provider or (rec.failed[-1][0] if rec.failed else ""), rec.upstream_model)
+        with self.lock:
+            self.recent.append(rec)
+            if rec.upstream_model:
+                total = self.totals.get(key)
+                if total is None:
+                    if len(self.totals) >= MAX_SERIES:
+                        total = self.totals.setdefault(("other", "other"), [0, 0, 0, 0, 0])
+                    else:
+                        total = self.totals[key] = [0, 0, 0, 0, 0]
+                total[0] += 1
+                total[1] += failed
+                total[2] += rec.input_tokens
+                total[3] += rec.output_tokens
+                total[4] += rec.cached_tokens
+                for kind, count in (("input", rec.input_tokens), ("output", rec.output_tokens),
+                                    ("cached", rec.cached_tokens)):
+                    if count:
+                        _bump(self.tokens, (rec.provider, rec.upstream_model, kind), count)
+            _bump(self.requests, (rec.model, rec.upstream_model, rec.provider, str(rec.status)))
+            for i, (provider, kind) in enumerate(rec.failed):
+                _bump(self.failures, (provider, kind))
+                self.last_failure[provider] = (rec.started, kind, rec.error)
+                if i < len(rec.failed) - 1 or rec.provider:      # another provider was tried next
+                    _bump(self.failovers, (provider, kind))
+            self.searches += rec.searches
+            self.duration.observe(rec.duration)
+            if rec.ttft is not None:
+                self.ttft.observe(rec.ttft)
+            row = self.minutes.get(minute)
+            if row is None:
+                row = self.minutes[minute] = [0, 0, 0.0, 0, 0]
+                for old in [m for m in self.minutes if m <= minute - SERIES_MINUTES]:
+                    del self.minutes[old]
+            row[0] += 1
+            row[1] += failed
+            row[2] += rec.duration
+            row[3] += rec.input_tokens
+            row[4] += rec.output_tokens
+
+    def last_errors(self) -> Dict[str, str]:
+        """provider -> the error message of its last failed attempt."""
+        with self.lock:
+            return {provider: error for provider, (_, _, error) in self.last_failure.items()}
+
+    def snapshot(self, now: float, health: List[Dict[str, Any]], tiers: List[Dict[str, Any]],
+                 settings_lines: List[str], version: str, started: float) -> Dict[str, Any]:
+        """The status page's data: JSON-ready, a copy taken under the lock."""
+        this_minute = int(now // 60)
+        with self.lock:
+            recent = [dataclasses.asdict(r) for r in reversed(self.recent)]
+            totals = [{"provider": p, "upstream_model": m, "requests": t[0], "errors": t[1],
+                       "input_tokens": t[2], "output_tokens": t[3], "cached_tokens": t[4]}
+                      for (p, m), t in sorted(self.totals.items())]
+            series = []
+            for minute in range(this_minute - SERIES_MINUTES + 1, this_minute + 1):
+                row = self.minutes.get(minute)
+                series.append({"minute": minute * 60, "requests": row[0] if row else 0,
+                               "errors": row[1] if row else 0,
+                               "mean_duration": round(row[2] / row[0], 3) if row else None,
+                               "input_tokens": row[3] if row else 0, "output_tokens": row[4] if row else 0})
+            failures = [{"provider": p, "kind": k, "count": c} for (p, k), c in sorted(self.failures.items())]
+            requests = sum(self.requests.values())
+            errors = sum(t[1] for t in self.totals.values())
+            in_flight = self.in_flight
+            searches = self.searches
+        # requests per minute over the last five minutes of the series (or since start)
+        since = max(started, (this_minute - 4) * 60.0)
+        per_minute = sum(s["requests"] for s in series[-5:]) * 60.0 / max(now - since, 60.0)
+        return {"version": version, "now": now, "started": started, "uptime": round(now - started, 1),
+                "in_flight": in_flight, "requests": requests, "errors": errors, "searches": searches,
+                "requests_per_minute": round(per_minute, 2),
+                "recent": recent, "totals": totals, "series": series, "failures": failures,
+                "providers": health, "tiers": tiers, "settings": settings_lines}
+
+    def render_metrics(self, health: List[Dict[str, Any]]) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        out: List[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, help_text, name, kind))
+
+        def sample(name: str, labels: Tuple[Tuple[str, str], ...], value: Any) -> None:
+            text = ",".join('%s="%s"' % (k, prom_label_value(v)) for k, v in labels)
+            out.append("%s%s %s\n" % (name, "{%s}" % text if text else "", prom_number(value)))
+
+        with self.lock:
+            requests = sorted(self.requests.items())
+            tokens = sorted(self.tokens.items())
+            failures = sorted(self.failures.items())
+            failovers = sorted(self.failovers.items())
+            histograms = [(h, list(h.counts), h.sum, h.count) for h in (self.duration, self.ttft)]
+            in_flight, searches = self.in_flight, self.searches
+        family("claude_proxy_requests_total", "counter", "Requests answered, by client model, upstream "
+               "model, provider and HTTP status.")
+        for (model, upstream_model, provider, status), count in requests:
+            sample("claude_proxy_requests_total", (("model", model), ("upstream_model", upstream_model),
+                                                   ("provider", provider), ("status", status)), count)
+        family("claude_proxy_tokens_total", "counter", "Tokens by provider, upstream model and kind "
+               "(input: not from cache, output, cached: prompt tokens read from the provider's cache).")
+        for (provider, upstream_model, kind), count in tokens:
+            sample("claude_proxy_tokens_total", (("provider", provider), ("upstream_model", upstream_model),
+                                                 ("kind", kind)), count)
+        for name, help_text, (hist, counts, total, count) in zip(
+                ("claude_proxy_request_duration_seconds", "claude_proxy_time_to_first_token_seconds"),
+                ("Time from the request to the end of its answer.",
+                 "Time from the request to the first content of its answer."), histograms):
+            family(name, "histogram", help_text)
+            cumulative = 0
+            for bound, in_bucket in zip(hist.bounds + (float("inf"),), counts):
+                cumulative += in_bucket
+                sample(name + "_bucket", (("le", prom_number(bound)),), cumulative)
+            sample(name + "_sum", (), total)
+            sample(name + "_count", (), count)
+        family("claude_proxy_requests_in_flight", "gauge", "Messages requests being handled now.")
+        sample("claude_proxy_requests_in_flight", (), in_flight)
+        family("claude_proxy_upstream_failures_total", "counter", "Upstream attempts that failed, by "
+               "provider and kind (connect, timeout, 429, 5xx, ...).")
+        for (provider, kind), count in failures:
+            sample("claude_proxy_upstream_failures_total", (("provider", provider), ("kind", kind)), count)
+        family("claude_proxy_failovers_total", "counter", "Times a request went on to the next provider "
+               "of its tier's chain, by the provider that failed and how.")
+        for (provider, kind), count in failovers:
+            sample("claude_proxy_failovers_total", (("provider", provider), ("kind", kind)), count)
+        family("claude_proxy_web_searches_total", "counter", "Web searches run for clients.")
+        sample("claude_proxy_web_searches_total", (), searches)
+        family("claude_proxy_provider_cooling", "gauge", "1 while a provider is cooling down after "
+               "failures (skipped by its chains), else 0.")
+        for entry in health:
+            if "name" in entry:
+                sample("claude_proxy_provider_cooling", (("provider", str(entry["name"])),),
+                       1 if entry.get("state") == "cooling" else 0)
+        return "".join(out)
+
+
+def prom_label_value(value: str) -> str:
+    """A label value in the text format: backslash, double quote and line feed escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prom_number(value: Any) -> str:
+    if isinstance(value, float):
+        if value == float("inf"):
+            return "+Inf"
+        return repr(value)
+    return str(value)
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("::1", "localhost")
+
+
+def status_access_error(client_key: str, bound_host: str, authorization: str, x_api_key: str
+                        ) -> Optional[ProxyError]:
+    """Who may see the status page's data and the metrics; None when this caller may."""
+    if client_key:
+        bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        if any([compare_digest(given.encode(), client_key.encode()) for given in (x_api_key, bearer)]):
+            return None
+        return ProxyError(401, "authentication_error", "the status page and metrics need the proxy's "
+                          "ANTHROPIC_API_KEY (x-api-key or Authorization: Bearer)")
+    if is_loopback(bound_host):
+        return None
+    return ProxyError(403, "permission_error", "the status page and metrics are served to other machines "
+                      "only when the proxy requires a key: set ANTHROPIC_API_KEY")
+
+
+def failure_kind(status: int) -> str:
+    """How an upstream attempt failed, for the failure counters: 429 by itself (a rate limit
+    is the usual reason to move on), other server errors as 5xx, the rest by number."""
+    if status == 429:
+        return "429"
+    return "5xx" if status >= 500 else str(status)
+
+
+
+def access_record(started: float, method: str, path: str, status: Any, access: Dict[str, Any],
+                  note: str, duration: float) -> RequestRecord:
+    """A request's record from what its access line knows: the handler's `access` fields,
+    its status ("-" when nothing was sent) and its note (the error, if any)."""
+    note = note.strip()
+    if not isinstance(status, int):
+        status = 499 if "client went away" in note else 0     # 499: nginx's "client closed request"
+    return RequestRecord(
+        started=started, method=method, path=path[:200], status=status, model=access.get("model") or "",
+        provider=access.get("provider") or "", upstream_model=access.get("upstream_model") or "",
+        stream=bool(access.get("stream")), input_tokens=access.get("input_tokens") or 0,
+        output_tokens=access.get("output_tokens") or 0, cached_tokens=access.get("cached_tokens") or 0,
+        ttft=access.get("ttft"), duration=duration, searches=access.get("searches") or 0, error=note,
+        failed=tuple(access.get("failed") or ()), session=access.get("session") or "")
+
+
+def single_upstream_status(settings: Settings, provider: str, last_errors: Dict[str, str]
+                           ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """The providers' health and the tier chains of today's one upstream, for snapshot() and
+    render_metrics() (the lead replaces this with one entry per Upstream)."""
+    health = [{"name": provider, "url": public_url(settings.openai_base_url), "dialect": provider,
+               "api": "chat", "keys": 1 if settings.openai_api_key else 0, "state": "ok", "until": None,
+               "last_error": last_errors.get(provider, "")}]
+    tiers = [{"tier": tier, "chain": ["%s/%s" % (provider, model)]}
+             for tier, model in (("opus", settings.big_model), ("sonnet", settings.middle),
+                                 ("haiku", settings.small_model))]
+    return health, tiers
+
+
+STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>claude-code-proxy</title>
+<style>
+:root{--fg:#1d1d1f;--mute:#6e6e73;--line:#e3e3e8;--bg:#fff;--card:#f7f7f9;--ok:#1a7f37;--bad:#c62828;--warn:#b26a00;--bar:#6c8cd5}
+@media (prefers-color-scheme:dark){:root{--fg:#e8e8ea;--mute:#a0a0a8;--line:#33333a;--bg:#141417;--card:#1d1d22;--bar:#7d9be0}}
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);background:var(--bg);margin:0;padding:16px 20px}
+h1{font-size:18px;margin:0 0 4px}h2{font-size:15px;margin:18px 0 6px}
+.mute{color:var(--mute)}.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0}.card{background:var(--card);border-radius:8px;padding:8px 14px;min-width:110px}
+.card b{display:block;font-size:20px}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{text-align:left;padding:3px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
+td.err{white-space:normal;color:var(--bad);max-width:420px}
+th{font-weight:600;color:var(--mute)}td.n,th.n{text-align:right}
+pre{background:var(--card);padding:8px 12px;border-radius:8px;overflow:auto}
+svg{background:var(--card);border-radius:8px}
+#login{display:none;background:var(--card);padding:12px;border-radius:8px;max-width:480px}
+#login input{width:70%;padding:4px}
+</style></head><body>
+<h1>claude-code-proxy <span id="version" class="mute"></span></h1>
+<div id="state" class="mute">loading...</div>
+<form id="login"><p>This proxy requires its key (ANTHROPIC_API_KEY) to show its status.</p>
+<input id="key" type="password" autocomplete="off" placeholder="ANTHROPIC_API_KEY"> <button>Show</button>
+<p id="loginmsg" class="bad"></p></form>
+<div id="main" style="display:none">
+<div class="cards" id="cards"></div>
+<h2>Providers</h2><table id="providers"></table>
+<h2>Tiers</h2><table id="tiers"></table>
+<h2>Per upstream model, since start</h2><table id="totals"></table>
+<h2>Last hour <span class="mute">(mean duration per minute, seconds; requests)</span></h2>
+<svg id="chart" width="720" height="150" role="img" aria-label="mean duration per minute"></svg>
+<h2>Last requests</h2><table id="recent"></table>
+<h2>Settings</h2><pre id="settings"></pre>
+</div>
+<script>
+"use strict";
+var KEY_ITEM = "claude-code-proxy-key";
+var SVG = "http://www.w3.org/2000/svg";
+function el(tag, text, cls) {
+  var e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+function table(id, head, rows) {
+  var t = document.getElementById(id), tr = el("tr");
+  t.replaceChildren ? t.replaceChildren() : (t.textContent = "");
+  head.forEach(function (h) { tr.appendChild(el("th", h[0], h[1] ? "n" : "")); });
+  t.appendChild(tr);
+  rows.forEach(function (row) {
+    var r = el("tr");
+    row.forEach(function (cell, i) {
+      var c = cell && typeof cell === "object" ? cell : {text: cell};
+      r.appendChild(el("td", c.text, c.cls || (head[i][1] ? "n" : "")));
+    });
+    t.appendChild(r);
+  });
+}
+function secs(v) { return v === null || v === undefined ? "" : Number(v).toFixed(2) + "s"; }
+function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
+function span(s) {
+  s = Math.floor(s); var d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
+  return (d ? d + "d " : "") + (d || h ? h + "h " : "") + m + "m " + (s % 60) + "s";
+}
+function chart(series) {
+  var svg = document.getElementById("chart"), w = 720, h = 150, pad = 24;
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  var top = 0;
+  series.forEach(function (p) { if (p.mean_duration > top) top = p.mean_duration; });
+  var bw = (w - pad) / series.length;
+  series.forEach(function (p, i) {
+    if (!p.requests) return;
+    var bh = top ? (h - pad) * p.mean_duration / top : 0, r = document.createElementNS(SVG, "rect");
+    r.setAttribute("x", pad + i * bw + 1); r.setAttribute("y", h - pad - bh);
+    r.setAttribute("width", Math.max(bw - 2, 1)); r.setAttribute("height", Math.max(bh, 1));
+    r.setAttribute("fill", p.errors ? "var(--bad)" : "var(--bar)");
+    var tip = document.createElementNS(SVG, "title");
+    tip.textContent = clock(p.minute) + ": " + p.requests + " requests, mean " + p.mean_duration + "s, " +
+      p.input_tokens + " in / " + p.output_tokens + " out";
+    r.appendChild(tip); svg.appendChild(r);
+  });
+  [[top, 10], [0, h - pad + 4]].forEach(function (a) {
+    var t = document.createElementNS(SVG, "text");
+    t.setAttribute("x", 2); t.setAttribute("y", a[1] + 4); t.setAttribute("font-size", "10");
+    t.setAttribute("fill", "currentColor"); t.textContent = a[0] ? a[0].toFixed(1) : "0"; svg.appendChild(t);
+  });
+  var label = document.createElementNS(SVG, "text");
+  label.setAttribute("x", w - 4); label.setAttribute("y", h - 6); label.setAttribute("font-size", "10");
+  label.setAttribute("text-anchor", "end"); label.setAttribute("fill", "currentColor");
+  label.textContent = "now"; svg.appendChild(label);
+}
+function render(d) {
+  document.getElementById("version").textContent = d.version;
+  document.getElementById("state").textContent = "live, up " + span(d.uptime) + ", updated " + clock(d.now);
+  var cards = document.getElementById("cards");
+  while (cards.firstChild) cards.removeChild(cards.firstChild);
+  [["requests", d.requests], ["errors", d.errors], ["in flight", d.in_flight],
+   ["per minute", d.requests_per_minute], ["searches", d.searches]].forEach(function (c) {
+    var box = el("div", null, "card"); box.appendChild(el("b", c[1])); box.appendChild(el("span", c[0], "mute"));
+    cards.appendChild(box);
+  });
+  table("providers", [["provider"], ["url"], ["dialect"], ["api"], ["keys", 1], ["health"], ["last error"]],
+    d.providers.map(function (p) {
+      var cooling = p.state === "cooling";
+      return [p.name, p.url, p.dialect, p.api, p.keys,
+        {text: cooling ? "cooling down until " + (p.until ? clock(p.until) : "?") : "ok", cls: cooling ? "warn" : "ok"},
+        {text: p.last_error || "", cls: "err"}];
+    }));
+  table("tiers", [["tier"], ["chain (tried in order)"]], d.tiers.map(function (t) {
+    return [t.tier, t.chain.join(" \\u2192 ")];
+  }));
+  table("totals", [["provider"], ["upstream model"], ["requests", 1], ["errors", 1], ["tokens in", 1],
+    ["out", 1], ["cached", 1]], d.totals.map(function (t) {
+      return [t.provider, t.upstream_model, t.requests, {text: t.errors, cls: t.errors ? "n bad" : "n"},
+        t.input_tokens, t.output_tokens, t.cached_tokens];
+    }));
+  chart(d.series);
+  table("recent", [["time"], ["request"], ["model"], ["stream"], ["status", 1], ["in", 1], ["out", 1],
+    ["cached", 1], ["ttft", 1], ["duration", 1], ["searches", 1], ["error"]], d.recent.map(function (r) {
+      var via = r.model ? r.model + " \\u2192 " + (r.provider ? r.provider + "/" : "") + r.upstream_model : "";
+      var failed = r.failed.map(function (f) { return f[0] + " " + f[1]; }).join(", ");
+      var err = r.error + (failed ? (r.error ? " " : "") + "(failed first: " + failed + ")" : "");
+      return [clock(r.started), r.method + " " + r.path, via, r.stream ? "stream" : "",
+        {text: r.status, cls: r.status >= 400 ? "n bad" : "n"}, r.input_tokens, r.output_tokens,
+        r.cached_tokens, secs(r.ttft), secs(r.duration), r.searches || "", {text: err, cls: "err"}];
+    }));
+  document.getElementById("settings").textContent = d.settings.join("\\n");
+  document.getElementById("main").style.display = "";
+}
+var timer = null;
+function poll() {
+  var key = sessionStorage.getItem(KEY_ITEM), headers = {Accept: "application/json"};
+  if (key) headers.Authorization = "Bearer " + key;
+  fetch("/status.json", {headers: headers, cache: "no-store"}).then(function (response) {
+    if (response.status === 401) {
+      sessionStorage.removeItem(KEY_ITEM);
+      document.getElementById("login").style.display = "block";
+      document.getElementById("main").style.display = "none";
+      document.getElementById("state").textContent = "";
+      if (key) document.getElementById("loginmsg").textContent = "That key was refused.";
+      return null;
+    }
+    return response.json().then(function (body) {
+      if (!response.ok) throw new Error((body.error && body.error.message) || response.status);
+      document.getElementById("login").style.display = "none";
+      render(body);
+      timer = setTimeout(poll, 1500);
+    });
+  }).catch(function (err) {
+    document.getElementById("state").textContent = "not reachable (" + err.message + "); retrying";
+    timer = setTimeout(poll, 3000);
+  });
+}
+document.getElementById("login").addEventListener("submit", function (event) {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_ITEM, document.getElementById("key").value);
+  document.getElementById("loginmsg").textContent = "";
+  clearTimeout(timer); poll();
+});
+poll();
+</script></body></html>
+"""
+# No external assets and no data in the page itself: it fetches /status.json with the key.
+STATUS_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "connect-src 'self'; img-src data:; frame-ancestors 'none'; form-action 'none'",
+    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+# =============================================================================================
 # HTTP server
 # =============================================================================================
 
@@ -2889,6 +3369,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.connections_lock = threading.Lock()
         self.draining = False
         self.access_log: Optional[AccessLog] = None     # set by the command line
+        self.stats = Stats()                             # status: the page's and /metrics' counters
+        self.started_at = time.time()                    # status: for the uptime
         # Placeholder keys ("ollama", "none", "lm-studio") are ordinary words, not secrets: a
         # real key is long, and only long strings are masked in messages and logs.
         self.secrets = tuple(s for s in (settings.openai_api_key, settings.anthropic_api_key) if len(s) >= 12)
@@ -3117,9 +3599,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if not server.slots.acquire(blocking=False):
                     raise ProxyError(529, "overloaded_error", "the proxy is handling %d requests already; "
                                      "retry shortly (MAX_CONCURRENCY)" % server.settings.max_concurrency)
+                server.stats.begin()             # status: requests in flight
                 try:
                     route(self, body)
                 finally:
+                    server.stats.end()           # status:
                     server.slots.release()
                     server.heartbeat.unwatch(self.watch)
             else:
@@ -3138,6 +3622,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         self.busy = False
         self._access_log(method, path)
+        if path not in STATUS_PATHS:             # status: one record per request (not the status polls)
+            duration = time.monotonic() - self.started
+            server.stats.record(access_record(time.time() - duration, method, path, self.status,
+                                              self.access, self.log_note, duration))
 
     def _read_body(self) -> bytes:
         """The request body, framed strictly: an ambiguous frame could desynchronise the
@@ -3270,6 +3758,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             parts.append("in=%s out=%s" % (access["input_tokens"], access["output_tokens"]))
         if access.get("ttft") is not None:
             parts.append("ttft=%.3fs" % access["ttft"])
+        if access.get("session"):                # status: Claude Code's session id
+            parts.append("session=%s" % access["session"][:64])
         parts.append("%.3fs" % total)
         note = self.log_note.strip()
         if note:
@@ -3286,6 +3776,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if isinstance(usage, dict):
             self.access["input_tokens"] = usage.get("input_tokens")
             self.access["output_tokens"] = usage.get("output_tokens")
+            self.access["cached_tokens"] = usage.get("cache_read_input_tokens")     # status:
 
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         self.status = code
@@ -3317,6 +3808,50 @@ class Handler(http.server.BaseHTTPRequestHandler):
         log.debug("%s - %s", self.address_string(), format % args)
 
     # -- routes -----------------------------------------------------------------------------
+
+    # status: the page (GET / from a browser), its data and the metrics --------------------
+
+    def root(self, body: bytes) -> None:
+        if "text/html" not in (self.headers.get("Accept") or ""):
+            return self.health(body)             # Claude Code's probes, curl, load balancers
+        if not self.server.settings.anthropic_api_key:
+            # (with a key the page is served to anyone: it holds no data and asks for the key)
+            self._check_status_access()
+        self._send_bytes(200, "text/html; charset=utf-8", STATUS_PAGE.encode("utf-8"), STATUS_PAGE_HEADERS)
+
+    def status_data(self, body: bytes) -> None:
+        self._check_status_access()
+        server = self.server
+        health, tiers = single_upstream_status(server.settings, server.base_dialect.name, server.stats.last_errors())
+        snapshot = server.stats.snapshot(time.time(), health, tiers, describe_settings(server.settings).splitlines(),
+                                         __version__, server.started_at)
+        self._send_json(200, snapshot, {"Cache-Control": "no-store"})
+
+    def metrics(self, body: bytes) -> None:
+        self._check_status_access()
+        server = self.server
+        health, _ = single_upstream_status(server.settings, server.base_dialect.name, server.stats.last_errors())
+        self._send_bytes(200, METRICS_CONTENT_TYPE, server.stats.render_metrics(health).encode("utf-8"),
+                         {"Cache-Control": "no-store"})
+
+    def _check_status_access(self) -> None:
+        error = status_access_error(self.server.settings.anthropic_api_key, self.server.server_address[0],
+                                    self.headers.get("Authorization") or "", self.headers.get("x-api-key") or "")
+        if error is not None:
+            raise error
+
+    def _send_bytes(self, status: int, content_type: str, body: bytes, headers: Dict[str, str]) -> None:
+        self._response_head(status, b"Content-Type: %s\r\nContent-Length: %d\r\n" % (
+            content_type.encode("latin-1"), len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if self.server.draining:
+            self.send_header("Connection", "close")
+        self._headers_buffer.append(b"\r\n" if self.command == "HEAD" else b"\r\n" + body)
+        self.flush_headers()
+        self.response_started = True
+
+    # ------------------------------------------------------------------------------------------
 
     def health(self, body: bytes) -> None:
         self._send_json(200, {"status": "ok", "service": "claude-code-proxy", "version": __version__})
@@ -3352,8 +3887,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with wrong_types_are_400():
             request = validate_request(parse_json(body))
             model = map_model(request["model"], server.settings)
-            openai_request = apply_fixes(to_openai(request, server.settings, server.dialect_for(model)),
-                                         server.fixes_for(model))
+            session = (self.headers.get("x-claude-code-session-id") or "").strip()[:128]   # status:
+            openai_request = apply_fixes(to_openai(request, server.settings, server.dialect_for(model),
+                                                   cache_key=session), server.fixes_for(model))
             stream = bool(request.get("stream"))
             if stream and server.settings.upstream_streaming.lower() == "off":
                 # The whole answer is turned into a stream for the client when it arrives.
@@ -3363,6 +3899,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),
                 history_tool_ids=history_tool_ids(request["messages"]))
         self.access.update(model=request["model"], upstream_model=model, stream=stream)
+        self.access.update(provider=server.dialect_for(model).name, session=session)     # status:
         self.anthropic_request = request
         estimate: List[int] = []
 
@@ -3417,8 +3954,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for attempt in (1, 2):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("upstream request: %s", describe_request(openai_request))
-            conn, response = server.pool.post(server.chat_path, json_bytes(openai_request),
-                                              server.upstream_headers, on_sent, self._client_left)
+            try:
+                conn, response = server.pool.post(server.chat_path, json_bytes(openai_request),
+                                                  server.upstream_headers, on_sent, self._client_left)
+            except ProxyError as err:            # status: the upstream failed before answering
+                if not self._client_left():
+                    self.access.update(provider="", failed=((server.dialect_for(model).name,
+                                                             "timeout" if err.status == 504 else "connect"),))
+                raise
             if response.status == 200:
                 self.upstream_released = False
                 if learned is not None:          # remembered only once the fix worked
@@ -3433,6 +3976,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if attempt == 1 and response.status in (400, 422):
                 fix, model_wide = fix_from_error(openai_request, error.upstream_message, error.param)
             if fix is None:                      # (after a retry, its fix is forgotten)
+                if response.status == 429 or response.status >= 500:     # status: a failed attempt
+                    self.access.update(provider="", failed=((server.dialect_for(model).name,
+                                                             failure_kind(response.status)),))
                 log.warning("upstream answered %d%s: %s", response.status,
                             " to the fixed retry" if attempt == 2 else "", server.redact(error.message))
                 raise error
@@ -3615,7 +4161,9 @@ ROUTES: Dict[Tuple[str, str], Callable[[Handler, bytes], None]] = {
     ("POST", "/v1/messages"): Handler.messages,
     ("POST", "/v1/messages/count_tokens"): Handler.count_tokens,
     ("GET", "/v1/models"): Handler.list_models,
-    ("GET", "/"): Handler.health,
+    ("GET", "/"): Handler.root,                 # status: the page for a browser, else health
+    ("GET", "/status.json"): Handler.status_data,   # status:
+    ("GET", "/metrics"): Handler.metrics,           # status:
     ("HEAD", "/"): Handler.health,
     ("GET", "/health"): Handler.health,
     ("HEAD", "/health"): Handler.health,
@@ -3623,6 +4171,7 @@ ROUTES: Dict[Tuple[str, str], Callable[[Handler, bytes], None]] = {
     ("POST", "/api/event_logging/batch"): Handler.event_logging,
     ("POST", "/api/event_logging/v2/batch"): Handler.event_logging,
 }
+STATUS_PATHS = ("/status.json", "/metrics")     # status: not recorded (the page polls)
 ROUTE_METHODS: Dict[str, List[str]] = {}
 for _method, _path in ROUTES:
     ROUTE_METHODS.setdefault(_path, []).append(_method)
