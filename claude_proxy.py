@@ -9,18 +9,21 @@ reasoning, stop reasons, usage and errors.
 Run it::
 
     OPENAI_API_KEY=sk-... python3 claude_proxy.py
-    ANTHROPIC_BASE_URL=http://127.0.0.1:8082 ANTHROPIC_API_KEY=x claude
+    ANTHROPIC_BASE_URL=http://127.0.0.1:8082 ANTHROPIC_AUTH_TOKEN=x claude
+    OPENAI_API_KEY=sk-... python3 claude_proxy.py claude     # or both in one command
 
 Settings come from flags, then the environment, then a ``.env`` file in the working
 directory (the first that sets a value wins); ``python3 claude_proxy.py --help`` lists them,
 and the table is the ``Settings`` class below.
 
 Routes: ``POST /v1/messages`` (any query string), ``POST /v1/messages/count_tokens``,
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET``/``HEAD`` ``/`` and ``/health``.
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET``/``HEAD`` ``/`` and ``/health``; for
+people and monitoring, the live status page (``GET /`` from a browser), its data
+(``GET /status.json``) and Prometheus metrics (``GET /metrics``).
 
 Layout (each section under a banner; data flows down the list once):
 Configuration, Errors, Request (to_openai), Response (to_anthropic), Stream
-(StreamTranslator, encode_sse), Tokens, Upstream I/O, HTTP server, Command line.
+(StreamTranslator, encode_sse), Tokens, Upstream I/O, Status, HTTP server, Command line.
 Nothing above "Upstream I/O" touches sockets, the environment, the clock or random ids.
 """
 
@@ -4381,11 +4384,95 @@ def banner(settings: Settings, server: ProxyServer, workers: int = 1) -> str:
         "  clients   %s" % ("must send ANTHROPIC_API_KEY" if settings.anthropic_api_key else
                             "no key required (set ANTHROPIC_API_KEY to require one)"),
         "  start Claude Code with:",
-        "    ANTHROPIC_BASE_URL=http://%s:%d ANTHROPIC_API_KEY=%s claude" % (local, port, key)])
+        "    ANTHROPIC_BASE_URL=http://%s:%d ANTHROPIC_AUTH_TOKEN=%s claude" % (local, port, key)])
+
+
+FLAGS_WITHOUT_VALUE = ("--check", "--version", "--help", "-h")
+
+
+def split_launcher_argv(argv: List[str]) -> Tuple[List[str], Optional[List[str]]]:
+    """`[proxy flags] claude [claude's arguments]` -> (the proxy's flags, claude's arguments);
+    None for claude's when the word `claude` is not there (a flag's value is never taken for it)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "claude":
+            return argv[:i], argv[i + 1:]
+        if arg == "--":
+            break
+        if arg.startswith("-") and "=" not in arg and arg not in FLAGS_WITHOUT_VALUE:
+            i += 1                           # the flag's value
+        i += 1
+    return argv, None
+
+
+def run_claude(settings: Settings, claude_args: List[str]) -> int:
+    """`claude-code-proxy claude [ARGS...]`: the proxy on a free loopback port in this process,
+    Claude Code started against it with the terminal, the proxy's log in a file (its path
+    printed once), and claude's exit status as ours. The key goes as ANTHROPIC_AUTH_TOKEN, which
+    Claude Code uses without asking; ANTHROPIC_API_KEY is removed from its environment, since
+    that one it would ask about."""
+    import shutil
+    import subprocess
+    import tempfile
+    executable = shutil.which("claude")
+    if executable is None:
+        print("claude-code-proxy: no `claude` command on PATH; install Claude Code "
+              "(npm install -g @anthropic-ai/claude-code) or add its folder to PATH", file=sys.stderr)
+        return 127
+    settings = dataclasses.replace(settings, host="127.0.0.1", port=0, workers=1)
+    fd, log_path = tempfile.mkstemp(prefix="claude-code-proxy-", suffix=".log")
+    log_file = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+    handler = logging.StreamHandler(log_file)
+    handler.setFormatter(JsonLogFormatter() if settings.log_format.lower() == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, settings.log_level.upper()))
+    try:
+        server = ProxyServer(settings)
+    except (ValueError, OSError) as exc:
+        print("claude-code-proxy: %s" % exc, file=sys.stderr)
+        return 2
+    server.access_log = AccessLog(log_file.fileno(), settings.log_format.lower() == "json", server.redact)
+    port = server.server_address[1]
+    log.info("%s", banner(settings, server))
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+    print("claude-code-proxy: serving Claude Code on http://127.0.0.1:%d; log in %s" % (port, log_path),
+          file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    env.pop("ANTHROPIC_API_KEY", None)
+    env["ANTHROPIC_BASE_URL"] = "http://127.0.0.1:%d" % port
+    env["ANTHROPIC_AUTH_TOKEN"] = settings.anthropic_api_key or "claude-code-proxy"
+    # Ctrl-C reaches claude and us alike (one process group): claude decides what it means.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    child: Optional[Any] = None
+
+    def on_term(signum: int, frame: Any) -> None:
+        if child is not None:
+            child.terminate()
+
+    previous_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        child = subprocess.Popen([executable] + claude_args, env=env)
+        code = child.wait()
+    except OSError as exc:
+        print("claude-code-proxy: cannot run %s: %s" % (executable, exc), file=sys.stderr)
+        code = 126
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        server.shutdown()
+        server.server_close()
+        server.pool.close()
+        root.removeHandler(handler)
+        log_file.close()
+    return code if code >= 0 else 128 - code      # killed by signal N: 128 + N, as shells say
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv, claude_args = split_launcher_argv(argv)
     args = build_arg_parser().parse_args(argv)
     dotenv_text = ""
     if os.path.isfile(args.env_file):
@@ -4396,6 +4483,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print("claude-code-proxy: %s" % exc, file=sys.stderr)
         return 2
+    if claude_args is not None:
+        return run_claude(settings, claude_args)
     configure_logging(settings)
     limit_malloc_arenas()                # before any thread starts
     if args.check:

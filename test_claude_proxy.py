@@ -2411,7 +2411,7 @@ def test_command_line_banner_names_the_upstream_models_and_auth_but_no_secret(tm
     out = proxy.output
     assert "upstream  https://llm.example.com:8443/openai/v1 (generic) via proxy http://127.0.0.1:3128" in out
     assert "opus -> big-one, sonnet -> big-one, haiku -> small-one" in out and "must send ANTHROPIC_API_KEY" in out
-    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:%d ANTHROPIC_API_KEY=<your ANTHROPIC_API_KEY> claude" % proxy.port in out
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:%d ANTHROPIC_AUTH_TOKEN=<your ANTHROPIC_API_KEY> claude" % proxy.port in out
     for secret in ("hunter2-password", "query-secret-99", "sk-banner-secret-123456", "client-banner-secret-654321",
                    "ppass-secret"):
         assert secret not in out
