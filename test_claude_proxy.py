@@ -3383,3 +3383,401 @@ def test_command_line_text_access_line_is_in_the_log_format_and_redacted(upstrea
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO POST /v1/messages 200 m-\*\*\* -> m-\*\*\* "
                     r"in=\d+ out=\d+ \d+\.\d{3}s\n$", line), line
     assert "sk-access-secret-123456" not in proxy.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Status (issue 15): the live page, /status.json, /metrics, the session id, and
+# `claude-code-proxy claude`
+
+PROM_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+PROM_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+PROM_TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+def prom_value(text):
+    if text in ("+Inf", "-Inf", "NaN"):
+        return float(text.replace("Inf", "inf").replace("NaN", "nan"))
+    assert re.match(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?\Z", text), text
+    return float(text)
+
+
+def prom_labels(text, i):
+    """Parse `{a="x",b="y"}` from text[i] == "{"; (labels, index after "}")."""
+    labels = {}
+    i += 1
+    while text[i] != "}":
+        match = PROM_LABEL.match(text, i)
+        assert match, "bad label name at %r" % text[i:]
+        name = match.group(0)
+        assert not name.startswith("__") and name not in labels, name
+        i = match.end()
+        assert text[i:i + 2] == '="', text[i:]
+        i += 2
+        value = []
+        while text[i] != '"':
+            if text[i] == "\\":
+                escaped = {"\\": "\\", '"': '"', "n": "\n"}.get(text[i + 1])
+                assert escaped is not None, "bad escape %r" % text[i:i + 2]
+                value.append(escaped)
+                i += 2
+            else:
+                assert text[i] != "\n"
+                value.append(text[i])
+                i += 1
+        labels[name] = "".join(value)
+        i += 1
+        if text[i] == ",":
+            i += 1
+    return labels, i + 1
+
+
+def parse_prometheus(text):
+    """A strict reader of the text exposition format 0.0.4: {family: {"type", "help", "samples":
+    [(name, labels, value)]}}. Families are contiguous, HELP and TYPE come once and before
+    their samples, counters end in _total, histograms are cumulative and end in +Inf == _count."""
+    assert text.endswith("\n")
+    families, order = {}, []
+
+    def family_of(name):
+        for suffix in ("_bucket", "_sum", "_count"):
+            base = name[:-len(suffix)]
+            if name.endswith(suffix) and families.get(base, {}).get("type") == "histogram":
+                return base
+        return name
+
+    for line in text[:-1].split("\n"):
+        assert line and line == line.strip(), repr(line)
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            assert parts[0] == "#" and parts[1] in ("HELP", "TYPE") and PROM_NAME.match(parts[2]), line
+            family = families.setdefault(parts[2], {"type": "untyped", "help": None, "samples": []})
+            assert not family["samples"], "metadata after samples: " + line
+            if parts[1] == "HELP":
+                assert family["help"] is None and len(parts) == 4, line
+                assert not re.search(r"\\[^\\n]", parts[3]), line
+                family["help"] = parts[3]
+            else:
+                assert "typed" not in family and parts[3] in PROM_TYPES, line
+                family["type"], family["typed"] = parts[3], True
+            if not order or order[-1] != parts[2]:
+                assert parts[2] not in order, "family %s not contiguous" % parts[2]
+                order.append(parts[2])
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        assert PROM_NAME.match(name), line
+        i = len(name)
+        labels = {}
+        if line[i] == "{":
+            labels, i = prom_labels(line, i)
+        assert line[i] == " ", line
+        fields = line[i + 1:].split(" ")
+        assert len(fields) in (1, 2), line
+        value = prom_value(fields[0])
+        base = family_of(name)
+        assert order and order[-1] == base, "sample of %s outside its family" % name
+        families[base]["samples"].append((name, labels, value))
+    for name, family in families.items():
+        assert family.get("typed") and family["help"], name
+        if family["type"] == "counter":
+            assert name.endswith("_total"), name
+            assert all(value >= 0 for _, _, value in family["samples"]), name
+        if family["type"] == "histogram":
+            groups = {}
+            for sample_name, labels, value in family["samples"]:
+                key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+                groups.setdefault(key, {"buckets": []})
+                if sample_name.endswith("_bucket"):
+                    groups[key]["buckets"].append((prom_value(labels["le"]), value))
+                else:
+                    groups[key][sample_name[len(name):]] = value
+            for group in groups.values():
+                bounds = [le for le, _ in group["buckets"]]
+                counts = [count for _, count in group["buckets"]]
+                assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds), bounds
+                assert counts == sorted(counts), "buckets not cumulative: %r" % counts
+                assert bounds[-1] == float("inf") and counts[-1] == group["_count"], group
+                assert "_sum" in group
+    return families
+
+
+def prom_samples(families, name):
+    return {tuple(sorted(labels.items())): value for sample_name, labels, value in families[name]["samples"]
+            if sample_name == name}
+
+
+def test_prometheus_parser_rejects_what_the_format_forbids():
+    good = '# HELP a_total Help.\n# TYPE a_total counter\na_total{x="q\\"\\\\\\n"} 1\n'
+    assert prom_samples(parse_prometheus(good), "a_total") == {(("x", 'q"\\\n'),): 1.0}
+    hist = ("# HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_bucket{le=\"1.0\"} %d\n"
+            "h_seconds_bucket{le=\"+Inf\"} %d\nh_seconds_sum 3\nh_seconds_count %d\n")
+    parse_prometheus(hist % (1, 2, 2))
+    for bad in (good[:-1], good.replace("a_total{", "a-total{"), good.replace('\\"', '\\t'),
+                good.replace("counter", "count"), good.replace("a_total counter\n", "a_total counter\nb 1\n"),
+                good + "# TYPE a_total counter\n", good.replace("a_total", "a"), good.replace("x=", "__x="),
+                hist % (2, 1, 1), hist % (1, 2, 3), good.replace("# HELP a_total Help.\n", "")):
+        with pytest.raises(AssertionError):
+            parse_prometheus(bad)
+
+
+def status_mix(upstream, proxy):
+    """A known mix: a stream with cached tokens and a session id, a whole answer, a 429, a 500
+    answered once more with 500, a count_tokens, and a model name that needs escaping."""
+    upstream.script += [
+        sse_text("hi", usage={"prompt_tokens": 20, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 5}}),
+        json_reply(completion({"content": "whole"}, usage={"prompt_tokens": 9, "completion_tokens": 2})),
+        json_reply({"error": {"message": "slow down"}}, status=429),
+        json_reply({"error": {"message": "broken"}}, status=500),
+        json_reply(completion({"content": "odd"}, usage={"prompt_tokens": 1, "completion_tokens": 1}))]
+    client = Client(proxy)
+    client.stream(req(model="claude-sonnet-4-5"), headers={"x-claude-code-session-id": "sess-42"})
+    assert client.json("POST", "/v1/messages", req(model="claude-haiku-4-5"))[0] == 200
+    assert client.json("POST", "/v1/messages", req())[0] == 429
+    assert client.json("POST", "/v1/messages", req())[0] == 500
+    assert client.json("POST", "/v1/messages", req(model='we"ird\\model\nx'))[0] == 200
+    assert client.json("POST", "/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "a"}]})[0] == 200
+    return client
+
+
+def test_status_data_after_a_known_mix_of_requests(upstream, proxy):
+    client = status_mix(upstream, proxy)
+    status, headers, data = client.json("GET", "/status.json")
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+    assert client.json("GET", "/status.json")[0] == 200        # polls are not recorded
+    status, _, data = client.json("GET", "/status.json")
+    recent = data["recent"]
+    assert [(r["path"], r["status"], r["model"]) for r in recent] == [
+        ("/v1/messages/count_tokens", 200, ""), ("/v1/messages", 200, 'we"ird\\model\nx'),
+        ("/v1/messages", 500, "claude-opus-4-8"), ("/v1/messages", 429, "claude-opus-4-8"),
+        ("/v1/messages", 200, "claude-haiku-4-5"), ("/v1/messages", 200, "claude-sonnet-4-5")]
+    stream = recent[-1]
+    assert (stream["provider"], stream["upstream_model"], stream["stream"], stream["session"]) == (
+        "generic", "gpt-4o", True, "sess-42")
+    assert (stream["input_tokens"], stream["output_tokens"], stream["cached_tokens"]) == (15, 3, 5)
+    assert 0 < stream["ttft"] <= stream["duration"] and stream["error"] == "" and stream["failed"] == []
+    assert recent[-2]["ttft"] is None and recent[-2]["upstream_model"] == "gpt-4o-mini"
+    assert recent[3]["error"] == "rate_limit_error: upstream: slow down" and recent[3]["failed"] == [["generic", "429"]]
+    assert recent[3]["provider"] == "" and recent[2]["failed"] == [["generic", "5xx"]]
+    assert data["requests"] == 6 and data["errors"] == 2 and data["in_flight"] == 0 and data["searches"] == 0
+    assert data["totals"] == [
+        {"provider": "generic", "upstream_model": "gpt-4o", "requests": 3, "errors": 2,
+         "input_tokens": 15, "output_tokens": 3, "cached_tokens": 5},
+        {"provider": "generic", "upstream_model": "gpt-4o-mini", "requests": 1, "errors": 0,
+         "input_tokens": 9, "output_tokens": 2, "cached_tokens": 0},
+        {"provider": "generic", "upstream_model": 'we"ird\\model\nx', "requests": 1, "errors": 0,
+         "input_tokens": 1, "output_tokens": 1, "cached_tokens": 0}]
+    assert data["failures"] == [{"provider": "generic", "kind": "429", "count": 1},
+                                {"provider": "generic", "kind": "5xx", "count": 1}]
+    last = data["series"][-2:]                  # (the mix may straddle a minute's end)
+    assert len(data["series"]) == 60 and sum(s["requests"] for s in last) == 6
+    assert sum(s["input_tokens"] for s in last) == 25 and sum(s["errors"] for s in last) == 2
+    assert data["requests_per_minute"] == 6.0
+    assert data["providers"] == [{"name": "generic", "url": upstream.url, "dialect": "generic", "api": "chat",
+                                  "keys": 1, "state": "ok", "until": None, "last_error": "api_error: upstream: broken"}]
+    assert data["tiers"] == [{"tier": "opus", "chain": ["generic/gpt-4o"]}, {"tier": "sonnet", "chain": ["generic/gpt-4o"]},
+                             {"tier": "haiku", "chain": ["generic/gpt-4o-mini"]}]
+    assert "OPENAI_API_KEY      set (22 characters)" in data["settings"]
+    assert "sk-upstream-secret-123" not in json.dumps(data) and data["version"] == cp.__version__
+    assert 0 <= data["uptime"] < 60
+    assert "whole" not in json.dumps(data) and "odd" not in json.dumps(data)     # no answer text
+
+
+def test_metrics_follow_the_text_format_after_a_known_mix(upstream, proxy):
+    client = status_mix(upstream, proxy)
+    response, payload = client.call("GET", "/metrics")
+    assert response.status == 200 and response.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    families = parse_prometheus(payload.decode("utf-8"))
+    requests = prom_samples(families, "claude_proxy_requests_total")
+    key = lambda model, upstream_model, provider, status: (("model", model), ("provider", provider),
+                                                            ("status", status), ("upstream_model", upstream_model))
+    assert requests == {key("claude-sonnet-4-5", "gpt-4o", "generic", "200"): 1,
+                        key("claude-haiku-4-5", "gpt-4o-mini", "generic", "200"): 1,
+                        key("claude-opus-4-8", "gpt-4o", "", "429"): 1, key("claude-opus-4-8", "gpt-4o", "", "500"): 1,
+                        key('we"ird\\model\nx', 'we"ird\\model\nx', "generic", "200"): 1, key("", "", "", "200"): 1}
+    tokens = prom_samples(families, "claude_proxy_tokens_total")
+    assert tokens[(("kind", "cached"), ("provider", "generic"), ("upstream_model", "gpt-4o"))] == 5
+    assert tokens[(("kind", "input"), ("provider", "generic"), ("upstream_model", "gpt-4o-mini"))] == 9
+    assert families["claude_proxy_request_duration_seconds"]["type"] == "histogram"
+    assert prom_samples(families, "claude_proxy_request_duration_seconds_count") == {(): 6}
+    assert prom_samples(families, "claude_proxy_time_to_first_token_seconds_count") == {(): 1}
+    assert prom_samples(families, "claude_proxy_requests_in_flight") == {(): 0}
+    assert families["claude_proxy_requests_in_flight"]["type"] == "gauge"
+    assert prom_samples(families, "claude_proxy_upstream_failures_total") == {
+        (("kind", "429"), ("provider", "generic")): 1, (("kind", "5xx"), ("provider", "generic")): 1}
+    assert prom_samples(families, "claude_proxy_failovers_total") == {}      # one provider: nowhere to go
+    assert prom_samples(families, "claude_proxy_web_searches_total") == {(): 0}
+    assert prom_samples(families, "claude_proxy_provider_cooling") == {(("provider", "generic"),): 0}
+
+
+def test_stats_failovers_cooling_and_bounded_memory():
+    stats = cp.Stats()
+    stats.record(cp.RequestRecord(started=120.0, method="POST", path="/v1/messages", status=200, model="claude-opus-4-8",
+                                  provider="deepseek", upstream_model="deepseek-v4-pro", duration=2.0, ttft=0.5,
+                                  searches=2, failed=(("openrouter", "429"), ("groq", "timeout"))))
+    stats.record(cp.RequestRecord(started=121.0, method="POST", path="/v1/messages", status=502, model="claude-opus-4-8",
+                                  upstream_model="deepseek-v4-pro", duration=1.0, error="api_error: unreachable",
+                                  failed=(("openrouter", "connect"), ("deepseek", "5xx"))))
+    health = [{"name": "openrouter", "state": "cooling", "until": 200.0}, {"name": "deepseek", "state": "ok"},
+              {"tier": "opus", "chain": ["openrouter/x", "deepseek/deepseek-v4-pro"]}]
+    families = parse_prometheus(stats.render_metrics(health))
+    assert prom_samples(families, "claude_proxy_upstream_failures_total") == {
+        (("kind", "429"), ("provider", "openrouter")): 1, (("kind", "timeout"), ("provider", "groq")): 1,
+        (("kind", "connect"), ("provider", "openrouter")): 1, (("kind", "5xx"), ("provider", "deepseek")): 1}
+    assert prom_samples(families, "claude_proxy_failovers_total") == {      # the last failure led nowhere
+        (("kind", "429"), ("provider", "openrouter")): 1, (("kind", "timeout"), ("provider", "groq")): 1,
+        (("kind", "connect"), ("provider", "openrouter")): 1}
+    assert prom_samples(families, "claude_proxy_provider_cooling") == {
+        (("provider", "openrouter"),): 1, (("provider", "deepseek"),): 0}
+    assert prom_samples(families, "claude_proxy_web_searches_total") == {(): 2}
+    buckets = {labels["le"]: value for name, labels, value in families["claude_proxy_request_duration_seconds"]["samples"]
+               if name.endswith("_bucket")}
+    assert (buckets["0.5"], buckets["1.0"], buckets["2.5"], buckets["+Inf"]) == (0, 1, 2, 2)   # le: 1.0 counts in "1.0"
+    snapshot = stats.snapshot(150.0, health[:2], health[2:], ["A  b"], "9.9", 100.0)
+    assert snapshot["totals"] == [{"provider": "deepseek", "upstream_model": "deepseek-v4-pro", "requests": 2,
+                                   "errors": 1, "input_tokens": 0, "output_tokens": 0, "cached_tokens": 0}]
+    assert stats.last_errors() == {"openrouter": "api_error: unreachable", "groq": "", "deepseek": "api_error: unreachable"}
+    assert snapshot["series"][-1] == {"minute": 120, "requests": 2, "errors": 1, "mean_duration": 1.5,
+                                      "input_tokens": 0, "output_tokens": 0}
+    assert (snapshot["tiers"], snapshot["settings"], snapshot["version"], snapshot["uptime"]) == (
+        health[2:], ["A  b"], "9.9", 50.0)
+    for i in range(cp.MAX_SERIES + 50):           # client-chosen model names cannot grow memory forever
+        stats.record(cp.RequestRecord(started=4000.0 + i, method="POST", path="/v1/messages", status=404,
+                                      model="m%d" % i, upstream_model="m%d" % i))
+    assert len(stats.requests) <= cp.MAX_SERIES + 1 and len(stats.totals) <= cp.MAX_SERIES + 1
+    assert stats.requests[("other", "other", "other", "other")] > 0 and len(stats.recent) == 100
+    assert min(stats.minutes) > 4000 // 60 - 60 and 2 not in stats.minutes      # an hour of minutes kept
+
+
+@pytest.mark.parametrize("client_key,host,authorization,x_api_key,expected", [
+    ("", "127.0.0.1", "", "", None), ("", "::1", "", "", None), ("", "127.0.0.2", "", "", None),
+    ("", "0.0.0.0", "", "", 403), ("", "10.1.2.3", "Bearer anything", "", 403),
+    ("k-123", "127.0.0.1", "", "", 401), ("k-123", "0.0.0.0", "Bearer k-123", "", None),
+    ("k-123", "0.0.0.0", "bearer  k-123 ", "", None), ("k-123", "0.0.0.0", "", "k-123", None),
+    ("k-123", "127.0.0.1", "Bearer k-124", "k-12", 401)])
+def test_status_access_rules(client_key, host, authorization, x_api_key, expected):
+    error = cp.status_access_error(client_key, host, authorization, x_api_key)
+    assert (error and error.status) == expected
+    if expected == 403:
+        assert error.error_type == "permission_error" and "ANTHROPIC_API_KEY" in error.message
+
+
+@pytest.mark.parametrize("host,client_key", [("127.0.0.1", ""), ("0.0.0.0", ""), ("127.0.0.1", "client-key-1234567")])
+def test_status_routes_keys_on_the_real_server(upstream, host, client_key):
+    with running_proxy(upstream.url, host=host, anthropic_api_key=client_key) as server:
+        client = Client(server)
+        html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+        allowed = host == "127.0.0.1" and not client_key
+        for path in ("/status.json", "/metrics"):
+            response, payload = client.call("GET", path)
+            assert response.status == (200 if allowed else 401 if client_key else 403), (path, payload)
+            if not allowed:
+                assert json.loads(payload)["type"] == "error"
+        response, page = client.call("GET", "/", headers=html)
+        # with a key the page itself (no data in it) is served, and asks for the key
+        assert response.status == (403 if host == "0.0.0.0" else 200)
+        if response.status == 200:
+            assert response.getheader("Content-Type") == "text/html; charset=utf-8"
+            assert "default-src 'none'" in response.getheader("Content-Security-Policy")
+            assert b"/status.json" in page and b"sessionStorage" in page
+            assert not re.search(rb"""(src|href)=["']?(https?:)?//""", page), "an external asset"
+        # Claude Code's probes and curl still get the health answer
+        assert client.json("GET", "/")[2]["status"] == "ok"
+        response, payload = client.call("HEAD", "/", headers=html)
+        assert response.status == 200 and payload == b""
+        if client_key:
+            for headers in ({"Authorization": "Bearer " + client_key}, {"x-api-key": client_key}):
+                assert client.call("GET", "/metrics", headers=headers)[0].status == 200
+                assert client.json("GET", "/status.json", headers=headers)[2]["settings"]
+            assert client_key not in json.dumps(client.json("GET", "/status.json", headers=headers)[2])
+
+
+def test_models_list_each_tier_under_a_claude_id_with_its_upstream_model(proxy):
+    listing = Client(proxy).json("GET", "/v1/models")[2]["data"]
+    tiers = [m for m in listing if m["id"].startswith("claude")]
+    assert [(m["id"], m["display_name"]) for m in tiers] == [
+        ("claude-opus", "claude-opus (served by gpt-4o)"), ("claude-sonnet", "claude-sonnet (served by gpt-4o)"),
+        ("claude-haiku", "claude-haiku (served by gpt-4o-mini)")]
+
+
+@pytest.mark.parametrize("provider,cache_key,expected", [
+    ("openai", "sess-1", "sess-1"), ("openai", "", None), ("generic", "sess-1", None), ("deepseek", "sess-1", None)])
+def test_session_id_is_the_openai_prompt_cache_key(provider, cache_key, expected):
+    settings = cp.Settings(provider=provider)
+    request = req()
+    body = cp.to_openai(request, settings, cache_key=cache_key)
+    assert body.get("prompt_cache_key") == expected and request == req()
+
+
+def test_session_id_logged_and_sent_upstream_end_to_end(upstream, caplog):
+    with running_proxy(upstream.url, provider="openai") as server:
+        with caplog.at_level(logging.INFO, logger="claude_proxy"):
+            Client(server).json("POST", "/v1/messages", req(), {"x-claude-code-session-id": "0d5c-sess"})
+            Client(server).json("POST", "/v1/messages", req())
+    assert upstream.requests[0]["body"]["prompt_cache_key"] == "0d5c-sess"
+    assert "prompt_cache_key" not in upstream.requests[1]["body"]
+    lines = [r for r in caplog.records if "POST /v1/messages 200" in r.getMessage()]
+    assert "session=0d5c-sess" in lines[0].getMessage() and lines[0].access["session"] == "0d5c-sess"
+    assert "session=" not in lines[1].getMessage()
+
+
+@pytest.mark.parametrize("argv,proxy_args,claude_args", [
+    (["--port", "9", "--check"], ["--port", "9", "--check"], None),
+    (["claude"], [], []),
+    (["--big-model", "claude", "claude", "-p", "claude"], ["--big-model", "claude"], ["-p", "claude"]),
+    (["--big-model=x", "--check", "claude", "--model", "opus"], ["--big-model=x", "--check"], ["--model", "opus"]),
+    (["--", "claude"], ["--", "claude"], None)])
+def test_launcher_argv_split(argv, proxy_args, claude_args):
+    assert cp.split_launcher_argv(argv) == (proxy_args, claude_args)
+
+
+FAKE_CLAUDE = """#!%s
+import json, os, sys, urllib.request
+request = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/models",
+                                 headers={"Authorization": "Bearer " + os.environ["ANTHROPIC_AUTH_TOKEN"]})
+models = json.load(urllib.request.urlopen(request, timeout=10))
+print(json.dumps({"args": sys.argv[1:], "env": {k: v for k, v in os.environ.items() if k.startswith("ANTHROPIC_")},
+                  "first_model": models["data"][0]["id"], "tty_stdin": os.isatty(0)}))
+sys.exit(int(os.environ.get("FAKE_CLAUDE_EXIT", "0")))
+"""
+
+
+def run_launcher(tmp_path, path, *args, env=None):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+    return subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py")] + list(args),
+                          env=dict(base, PATH=path, TMPDIR=str(tmp_path), **(env or {})), cwd=str(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+
+
+@pytest.mark.parametrize("client_key", ["", "client-launch-key-123456"])
+def test_launcher_runs_claude_against_the_proxy_and_ends_with_its_status(upstream, tmp_path, client_key):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").write_text(FAKE_CLAUDE % sys.executable)
+    (bin_dir / "claude").chmod(0o755)
+    flags = ["--anthropic-api-key", client_key] if client_key else []
+    done = run_launcher(tmp_path, str(bin_dir) + os.pathsep + os.environ.get("PATH", ""), "--openai-base-url",
+                        upstream.url, "--port", "8082", *flags, "claude", "-p", "say hi", "--model", "opus",
+                        env={"FAKE_CLAUDE_EXIT": "7", "ANTHROPIC_API_KEY": "env-key-would-be-asked-about",
+                             "ANTHROPIC_AUTH_TOKEN": "old-token"})
+    assert done.returncode == 7, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["args"] == ["-p", "say hi", "--model", "opus"] and seen["first_model"] == "claude-opus"
+    port = int(re.match(r"http://127\.0\.0\.1:(\d+)\Z", seen["env"].pop("ANTHROPIC_BASE_URL")).group(1))
+    assert port != 8082            # a free port, whatever PORT says
+    # without the flag, the environment's ANTHROPIC_API_KEY is the proxy's client key, passed on as the token
+    assert seen["env"] == {"ANTHROPIC_AUTH_TOKEN": client_key or "env-key-would-be-asked-about"}
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    log_path = re.match(r"claude-code-proxy: serving Claude Code on http://127\.0\.0\.1:%d; log in (\S+)\Z" % port,
+                        lines[0]).group(1)
+    assert os.path.dirname(log_path) == str(tmp_path)
+    with open(log_path) as handle:
+        log_text = handle.read()
+    assert "listening on http://127.0.0.1:%d" % port in log_text and "GET /v1/models 200" in log_text
+    assert not client_key or client_key not in log_text
+
+
+def test_launcher_without_claude_is_one_line_and_127(tmp_path):
+    done = run_launcher(tmp_path, str(tmp_path), "--openai-base-url", "http://127.0.0.1:9/v1", "claude", "-p", "x")
+    assert done.returncode == 127 and done.stdout == b""
+    assert done.stderr.decode().count("\n") == 1 and "no `claude` command on PATH" in done.stderr.decode()
+    assert os.listdir(str(tmp_path)) == []          # no log file either
