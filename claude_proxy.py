@@ -2916,7 +2916,8 @@ h1{font-size:18px;margin:0 0 4px}h2{font-size:15px;margin:18px 0 6px}
 .card b{display:block;font-size:20px}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{text-align:left;padding:3px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
-td.err{white-space:normal;color:var(--bad);max-width:420px}
+td.err{white-space:normal;color:var(--bad);min-width:220px}
+.scroll{overflow-x:auto}
 th{font-weight:600;color:var(--mute)}td.n,th.n{text-align:right}
 pre{background:var(--card);padding:8px 12px;border-radius:8px;overflow:auto}
 svg{background:var(--card);border-radius:8px}
@@ -2934,8 +2935,8 @@ svg{background:var(--card);border-radius:8px}
 <h2>Tiers</h2><table id="tiers"></table>
 <h2>Per upstream model, since start</h2><table id="totals"></table>
 <h2>Last hour <span class="mute">(mean duration per minute, seconds; requests)</span></h2>
-<svg id="chart" width="720" height="150" role="img" aria-label="mean duration per minute"></svg>
-<h2>Last requests</h2><table id="recent"></table>
+<svg id="chart" viewBox="0 0 720 150" width="100%" style="max-width:720px" role="img" aria-label="mean duration per minute"></svg>
+<h2>Last requests</h2><div class="scroll"><table id="recent"></table></div>
 <h2>Settings</h2><pre id="settings"></pre>
 </div>
 <script>
@@ -2963,7 +2964,7 @@ function table(id, head, rows) {
   });
 }
 function secs(v) { return v === null || v === undefined ? "" : Number(v).toFixed(2) + "s"; }
-function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
+function clock(t) { return new Date(t * 1000).toLocaleTimeString([], {hour12: false}); }
 function span(s) {
   s = Math.floor(s); var d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
   return (d ? d + "d " : "") + (d || h ? h + "h " : "") + m + "m " + (s % 60) + "s";
@@ -2988,7 +2989,7 @@ function chart(series) {
   [[top, 10], [0, h - pad + 4]].forEach(function (a) {
     var t = document.createElementNS(SVG, "text");
     t.setAttribute("x", 2); t.setAttribute("y", a[1] + 4); t.setAttribute("font-size", "10");
-    t.setAttribute("fill", "currentColor"); t.textContent = a[0] ? a[0].toFixed(1) : "0"; svg.appendChild(t);
+    t.setAttribute("fill", "currentColor"); t.textContent = a[0] ? a[0].toPrecision(2) + "s" : "0"; svg.appendChild(t);
   });
   var label = document.createElementNS(SVG, "text");
   label.setAttribute("x", w - 4); label.setAttribute("y", h - 6); label.setAttribute("font-size", "10");
@@ -3026,7 +3027,7 @@ function render(d) {
       var via = r.model ? r.model + " \\u2192 " + (r.provider ? r.provider + "/" : "") + r.upstream_model : "";
       var failed = r.failed.map(function (f) { return f[0] + " " + f[1]; }).join(", ");
       var err = r.error + (failed ? (r.error ? " " : "") + "(failed first: " + failed + ")" : "");
-      return [clock(r.started), r.method + " " + r.path, via, r.stream ? "stream" : "",
+      return [clock(r.started), (r.method === "POST" ? "" : r.method + " ") + r.path, via, r.stream ? "stream" : "",
         {text: r.status, cls: r.status >= 400 ? "n bad" : "n"}, r.input_tokens, r.output_tokens,
         r.cached_tokens, secs(r.ttft), secs(r.duration), r.searches || "", {text: err, cls: "err"}];
     }));

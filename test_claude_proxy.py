@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -3501,7 +3502,8 @@ def parse_prometheus(text):
 
 
 def prom_samples(families, name):
-    return {tuple(sorted(labels.items())): value for sample_name, labels, value in families[name]["samples"]
+    family = name if name in families else name.rsplit("_", 1)[0]
+    return {tuple(sorted(labels.items())): value for sample_name, labels, value in families[family]["samples"]
             if sample_name == name}
 
 
@@ -3710,8 +3712,10 @@ def test_session_id_is_the_openai_prompt_cache_key(provider, cache_key, expected
 def test_session_id_logged_and_sent_upstream_end_to_end(upstream, caplog):
     with running_proxy(upstream.url, provider="openai") as server:
         with caplog.at_level(logging.INFO, logger="claude_proxy"):
-            Client(server).json("POST", "/v1/messages", req(), {"x-claude-code-session-id": "0d5c-sess"})
-            Client(server).json("POST", "/v1/messages", req())
+            client = Client(server)          # one connection: each line is written before the next request
+            client.json("POST", "/v1/messages", req(), {"x-claude-code-session-id": "0d5c-sess"})
+            client.json("POST", "/v1/messages", req())
+            client.json("GET", "/health")
     assert upstream.requests[0]["body"]["prompt_cache_key"] == "0d5c-sess"
     assert "prompt_cache_key" not in upstream.requests[1]["body"]
     lines = [r for r in caplog.records if "POST /v1/messages 200" in r.getMessage()]
@@ -3781,3 +3785,117 @@ def test_launcher_without_claude_is_one_line_and_127(tmp_path):
     assert done.returncode == 127 and done.stdout == b""
     assert done.stderr.decode().count("\n") == 1 and "no `claude` command on PATH" in done.stderr.decode()
     assert os.listdir(str(tmp_path)) == []          # no log file either
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools protocol over a WebSocket (RFC 6455) for a test: one
+    page target, commands sent as masked text frames, answers matched by id (events skipped)."""
+
+    def __init__(self, port):
+        with contextlib.closing(http.client.HTTPConnection("127.0.0.1", port, timeout=10)) as conn:
+            conn.request("GET", "/json/list")
+            targets = json.loads(conn.getresponse().read())
+        url = [t for t in targets if t["type"] == "page"][0]["webSocketDebuggerUrl"]
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           % (url.split(str(port), 1)[1], port, key)).encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.next_id = 0
+
+    def _recv(self):
+        data = self.sock.recv(65536)
+        assert data, "DevTools closed the connection"
+        return data
+
+    def _read(self, n):
+        while len(self.buffer) < n:
+            self.buffer += self._recv()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def _message(self):
+        parts = []
+        while True:
+            first, second = self._read(2)
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack("!H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack("!Q", self._read(8))[0]
+            mask = self._read(4) if second & 0x80 else None
+            payload = self._read(length)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if first & 0x0F in (0x0, 0x1):
+                parts.append(payload)
+                if first & 0x80:
+                    return json.loads(b"".join(parts))
+
+    def call(self, method, **params):
+        self.next_id += 1
+        payload = json.dumps({"id": self.next_id, "method": method, "params": params}).encode()
+        mask = os.urandom(4)
+        length = len(payload)
+        head = bytes([0x81]) + (bytes([0x80 | length]) if length < 126 else
+                                bytes([0x80 | 126]) + struct.pack("!H", length) if length < 65536 else
+                                bytes([0x80 | 127]) + struct.pack("!Q", length))
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while True:
+            message = self._message()
+            if message.get("id") == self.next_id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def evaluate(self, expression):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def close(self):
+        self.sock.close()
+
+
+def test_status_page_in_headless_chromium_shows_a_new_request_without_a_reload(upstream, proxy, tmp_path):
+    import shutil
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+    assert os.path.exists(chromium), "install Debian's chromium package (apt-get install -y chromium)"
+    profile = tmp_path / "profile"
+    browser = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                "--user-data-dir=%s" % profile, "--remote-debugging-port=0", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    devtools = None
+    try:
+        active = profile / "DevToolsActivePort"
+        assert wait_for(lambda: active.exists() and len(active.read_text().split("\n")) >= 2, 30), "no DevTools port"
+        devtools = DevTools(int(active.read_text().split("\n")[0]))
+        devtools.call("Page.navigate", url="http://127.0.0.1:%d/" % proxy.server_address[1])
+        rendered = "document.getElementById('main') && document.getElementById('main').style.display === ''"
+        assert wait_for(lambda: devtools.evaluate(rendered), 20), devtools.evaluate("document.body.innerText")
+        assert devtools.evaluate("document.getElementById('recent').textContent.indexOf('<b>') < 0")
+        devtools.evaluate("window.loadedOnce = 42")
+        model = 'claude-sonnet-<b>bold</b>-"browser"'
+        upstream.script.append(json_reply(completion({"content": "seen"}, usage={"prompt_tokens": 31, "completion_tokens": 4})))
+        assert Client(proxy).json("POST", "/v1/messages", req(model=model))[0] == 200
+        row = ("Array.from(document.querySelectorAll('#recent tr')).map(function (r) { return r.textContent; })"
+               ".filter(function (t) { return t.indexOf(%s) >= 0; })[0] || ''" % json.dumps(model))
+        assert wait_for(lambda: devtools.evaluate(row), 20), devtools.evaluate("document.body.innerText")
+        assert devtools.evaluate("window.loadedOnce") == 42              # the same page: no reload
+        text = devtools.evaluate(row)
+        assert "/v1/messages" in text and "\u2192 generic/gpt-4o" in text and "31" in text and "200" in text
+        assert devtools.evaluate("document.querySelectorAll('#recent b').length") == 0   # text, never markup
+        assert devtools.evaluate("document.getElementById('totals').textContent.indexOf('gpt-4o') >= 0")
+        assert devtools.evaluate("document.querySelectorAll('#chart rect').length") >= 1
+    finally:
+        if devtools is not None:
+            devtools.close()
+        browser.terminate()
+        try:
+            browser.wait(10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+            browser.wait(10)
