@@ -2674,9 +2674,7 @@ class Stats:
         # (provider, upstream model) -> [requests, errors, input, output, cached]
         self.totals: Dict[Tuple[str, str], List[int]] = {}
         # (client model, upstream model, provider, status) -> requests
-        self.requests: Dict[Tuple[str, str, str, str], int] = {}
-        # (provider, upstream model, kind) -> tokens
-        self.tokens: Dict[Tuple[str, str, str], int] = {}
+        self.requests: Dict[Tuple[str, str, str, Any], int] = {}
         self.failures: Dict[Tuple[str, str], int] = {}      # (provider, kind) -> attempts that failed
         self.failovers: Dict[Tuple[str, str], int] = {}     # (provider, kind) -> times the next one was tried
         self.last_failure: Dict[str, Tuple[float, str, str]] = {}   # provider -> (time, kind, error)
@@ -2713,16 +2711,18 @@ class Stats:
                 total[2] += rec.input_tokens
                 total[3] += rec.output_tokens
                 total[4] += rec.cached_tokens
-                for kind, count in (("input", rec.input_tokens), ("output", rec.output_tokens),
-                                    ("cached", rec.cached_tokens)):
-                    if count:
-                        _bump(self.tokens, (rec.provider, rec.upstream_model, kind), count)
-            _bump(self.requests, (rec.model, rec.upstream_model, rec.provider, str(rec.status)))
-            for i, (provider, kind) in enumerate(rec.failed):
-                _bump(self.failures, (provider, kind))
-                self.last_failure[provider] = (rec.started, kind, rec.error)
-                if i < len(rec.failed) - 1 or rec.provider:      # another provider was tried next
-                    _bump(self.failovers, (provider, kind))
+            labels = (rec.model, rec.upstream_model, rec.provider, rec.status)
+            count = self.requests.get(labels)
+            if count is not None:
+                self.requests[labels] = count + 1
+            else:
+                _bump(self.requests, labels)
+            if rec.failed:
+                for i, (provider, kind) in enumerate(rec.failed):
+                    _bump(self.failures, (provider, kind))
+                    self.last_failure[provider] = (rec.started, kind, rec.error)
+                    if i < len(rec.failed) - 1 or rec.provider:      # another provider was tried next
+                        _bump(self.failovers, (provider, kind))
             self.searches += rec.searches
             self.duration.observe(rec.duration)
             if rec.ttft is not None:
@@ -2785,8 +2785,9 @@ class Stats:
             out.append("%s%s %s\n" % (name, "{%s}" % text if text else "", prom_number(value)))
 
         with self.lock:
-            requests = sorted(self.requests.items())
-            tokens = sorted(self.tokens.items())
+            requests = sorted(self.requests.items(), key=lambda item: tuple(map(str, item[0])))
+            tokens = sorted(((provider, model, kind), total[index]) for (provider, model), total in self.totals.items()
+                            for kind, index in (("input", 2), ("output", 3), ("cached", 4)) if total[index])
             failures = sorted(self.failures.items())
             failovers = sorted(self.failovers.items())
             histograms = [(h, list(h.counts), h.sum, h.count) for h in (self.duration, self.ttft)]
@@ -2795,7 +2796,7 @@ class Stats:
                "model, provider and HTTP status.")
         for (model, upstream_model, provider, status), count in requests:
             sample("claude_proxy_requests_total", (("model", model), ("upstream_model", upstream_model),
-                                                   ("provider", provider), ("status", status)), count)
+                                                   ("provider", provider), ("status", str(status))), count)
         family("claude_proxy_tokens_total", "counter", "Tokens by provider, upstream model and kind "
                "(input: not from cache, output, cached: prompt tokens read from the provider's cache).")
         for (provider, upstream_model, kind), count in tokens:
@@ -3845,6 +3846,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise error
 
     def _send_bytes(self, status: int, content_type: str, body: bytes, headers: Dict[str, str]) -> None:
+        if self.request_version == "HTTP/0.9":      # no head at all
+            self.response_started = True
+            self.status = status
+            self.wfile.write(body)
+            return
         self._response_head(status, b"Content-Type: %s\r\nContent-Length: %d\r\n" % (
             content_type.encode("latin-1"), len(body)))
         for name, value in headers.items():
