@@ -234,7 +234,7 @@ def test_log_records_and_tracebacks_are_redacted():
         raise ValueError("Invalid header value b'Bearer sk-live-SECRET'")
     except ValueError:
         record = logging.LogRecord("claude_proxy", logging.ERROR, __file__, 1, "key %s", ("sk-live-SECRET",), sys.exc_info())
-    assert cp.RedactSecrets(("sk-live-SECRET",)).filter(record)
+    assert cp.RedactSecrets(cp.Redactor(("sk-live-SECRET",))).filter(record)
     assert "sk-live-SECRET" not in record.getMessage() and "Bearer ***" in record.getMessage()
     assert record.exc_info is None
 
@@ -1522,7 +1522,7 @@ def start_proxy(upstream_url, **settings):
 def stop_proxy(server):
     server.shutdown()
     server.server_close()
-    server.pool.close()
+    server.close_upstreams()
 
 
 @contextlib.contextmanager
