@@ -2444,6 +2444,233 @@ def test_command_line_help_lists_every_setting_with_its_variable_and_default():
 
 
 # ---------------------------------------------------------------------------------------------
+# Providers per tier, failover chains, keys in turn, extra headers (two or three fake upstreams)
+
+
+def provider_settings(environ, argv=()):
+    environ = dict(environ)
+    environ.setdefault("PORT", "0")
+    return cp.load_settings(environ, list(argv), "")
+
+
+@contextlib.contextmanager
+def proxy_for(environ):
+    server = cp.ProxyServer(provider_settings(environ))
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    try:
+        yield server
+    finally:
+        stop_proxy(server)
+
+
+@pytest.fixture
+def second():
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
+
+
+def chain_of(settings, model):
+    return [(e.provider, e.model) for e in cp.model_chain(cp.map_model(model, settings), (p.name for p in settings.providers))]
+
+
+def test_model_settings_name_providers_and_chains():
+    s = provider_settings({"LOCAL_BASE_URL": "http://127.0.0.1:11434/v1", "SMALL_MODEL": "local/qwen3-coder:30b",
+                           "BIG_MODEL": "gpt-5, openrouter/openai/gpt-5,deepseek/deepseek-v4-pro",
+                           "MIDDLE_MODEL": "Qwen/Qwen3-Coder-480B", "OPENROUTER_API_KEY": "or-key",
+                           "DEEPSEEK_API_KEY": "ds-key", "ANTHROPIC_BASE_URL": "http://x", "OPENAI_API_KEY": "k1,k2"})
+    assert chain_of(s, "claude-haiku-4-5") == [("local", "qwen3-coder:30b")]
+    assert chain_of(s, "claude-opus-4-8") == [("default", "gpt-5"), ("openrouter", "openai/gpt-5"),
+                                              ("deepseek", "deepseek-v4-pro")]
+    assert chain_of(s, "claude-sonnet-5") == [("default", "Qwen/Qwen3-Coder-480B")]    # no provider "qwen"
+    assert chain_of(s, "openai/gpt-4o") == [("default", "openai/gpt-4o")]          # OPENAI_ is the default
+    assert chain_of(s, "ollama/llama3") == [("ollama", "llama3")]                   # local: needs no key
+    assert chain_of(s, "groq/llama3") == [("default", "groq/llama3")]               # no GROQ_API_KEY
+    providers = {p.name: p for p in s.providers}
+    assert "anthropic" not in providers and providers["default"].api_keys == ("k1", "k2")
+    assert providers["openrouter"].base_url == "https://openrouter.ai/api/v1"
+    assert providers["deepseek"].api_keys == ("ds-key",)
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"LOCAL_BASE_URL": "localhost:11434"}, "LOCAL_BASE_URL must start with https:// or http://"),
+    ({"QWEN_API_KEY": "q", "BIG_MODEL": "qwen/qwen3-max"},
+     "BIG_MODEL names provider 'qwen': QWEN_API_KEY is set but QWEN_BASE_URL is not"),
+    ({"LOCAL_BASE_URL": "http://h/v1", "LOCAL_PROVIDER": "nope"}, "LOCAL_PROVIDER must be auto or one of"),
+])
+def test_bad_provider_definitions_stop_start_up_with_one_line(environ, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        provider_settings(environ)
+    assert provider_settings({"BIG_MODEL": "qwen/qwen3-max"}).big_model == "qwen/qwen3-max"   # just a name
+
+
+def test_tiers_go_to_their_providers_with_their_keys_and_headers(upstream, second):
+    environ = {"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "sk-default-key-0001",
+               "LOCAL_BASE_URL": second.url, "LOCAL_API_KEY": "local-key-0000002", "SMALL_MODEL": "local/qwen3",
+               "BIG_MODEL": "gpt-5", "CUSTOM_HEADER_X_CORP_TEAM": "team-42", "LOCAL_HEADER_X_TITLE": "my-team"}
+    with proxy_for(environ) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req(model="claude-haiku-4-5"))[0] == 200
+        assert client.stream(req(model="claude-opus-4-8"))[-1]["type"] == "message_stop"
+        status, _, listing = client.json("GET", "/v1/models")
+    (local,), (default,) = second.requests, upstream.requests
+    assert local["body"]["model"] == "qwen3" and local["headers"]["Authorization"] == "Bearer local-key-0000002"
+    assert local["headers"]["X-Corp-Team"] == "team-42" and local["headers"]["X-Title"] == "my-team"
+    assert default["body"]["model"] == "gpt-5" and default["headers"]["Authorization"] == "Bearer sk-default-key-0001"
+    assert default["headers"]["X-Corp-Team"] == "team-42" and "X-Title" not in default["headers"]
+    names = {m["id"]: m["display_name"] for m in listing["data"]}
+    assert names["claude-haiku"] == "claude-haiku (served by local/qwen3)" and "local/qwen3" in names
+
+
+def failing(status, retry_after=None):
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return json_reply({"error": {"message": "failure %d" % status, "type": "server_error"}}, status, headers)
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504, 529])
+def test_a_failing_provider_hands_the_request_to_the_next_in_the_chain(upstream, second, caplog, status):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    upstream.script.append(failing(status))
+    second.script.append(json_text("from the second"))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                    "BIG_MODEL": "gpt-5,backup/other-model"}) as server:
+        status_out, _, message = Client(server).json("POST", "/v1/messages", req())
+    assert status_out == 200 and message["content"][0]["text"] == "from the second"
+    assert second.requests[0]["body"]["model"] == "other-model"
+    assert "claude-opus-4-8 -> backup/other-model failed: default %d" % status in caplog.text
+
+
+def test_unreachable_and_silent_providers_fail_over_too(upstream, second):
+    silent = threading.Event()
+    upstream.script.append(lambda handler, body: silent.wait(10))
+    second.script.extend([json_text("after a timeout"), json_text("after a refusal")])
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url, "REQUEST_TIMEOUT": "0.3",
+                    "BIG_MODEL": "gpt-5,backup/b", "SMALL_MODEL": "dead/x,backup/b",
+                    "DEAD_BASE_URL": "http://127.0.0.1:9/v1"}) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "after a timeout"
+        answer = client.json("POST", "/v1/messages", req(model="claude-haiku-4-5"))[2]
+    silent.set()
+    assert answer["content"][0]["text"] == "after a refusal"
+
+
+def test_no_failover_on_a_bad_request_or_after_the_stream_began(upstream, second):
+    upstream.script.extend([failing(400), sse_reply([chunk({"content": "half"})], done=False)])
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                    "BIG_MODEL": "gpt-5,backup/b"}) as server:
+        client = Client(server)
+        status, _, error = client.json("POST", "/v1/messages", req())
+        events = client.stream(req())
+    assert status == 400 and error["error"]["type"] == "invalid_request_error"
+    assert events[-1]["type"] == "error" and not second.requests
+
+
+def test_a_failed_provider_cools_down_then_is_tried_again(upstream, second, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(cp.time, "monotonic", lambda: clock[0])
+    upstream.script.extend([failing(503, retry_after="20"), json_text("default again")])
+    second.script.extend([json_text("b1"), json_text("b2")])
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                    "BIG_MODEL": "gpt-5,backup/b"}) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "b1"
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "b2"   # skipped
+        assert len(upstream.requests) == 1
+        clock[0] += 21
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "default again"
+
+
+def test_when_every_provider_cools_down_the_first_is_tried_anyway(upstream, second, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(cp.time, "monotonic", lambda: clock[0])
+    upstream.script.extend([failing(502), json_text("first anyway")])
+    second.script.append(failing(502))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                    "BIG_MODEL": "gpt-5,backup/b"}) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req())[0] == 502
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "first anyway"
+    assert (len(upstream.requests), len(second.requests)) == (2, 1)
+
+
+def test_keys_are_used_in_turn_and_a_rate_limited_key_rests(upstream, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(cp.time, "monotonic", lambda: clock[0])
+    upstream.script.extend([json_text("1"), failing(429, retry_after="60"), json_text("2"), json_text("3"),
+                            json_text("4")])
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "key-one-000000001,key-two-000000002"}) as server:
+        client = Client(server)
+        for _ in range(3):
+            assert client.json("POST", "/v1/messages", req())[0] == 200
+        clock[0] += 61
+        assert client.json("POST", "/v1/messages", req())[0] == 200
+    keys = [r["headers"]["Authorization"][-1] for r in upstream.requests]
+    # one, two (429: rests; retried at once with one), one (two still resting), then in turn again
+    assert keys == ["1", "2", "1", "1", "2"]
+
+
+def test_a_custom_header_replaces_the_proxys_own_and_is_masked_in_logs(upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    upstream.script.append(failing(401))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "sk-never-sent-0001",
+                    "CUSTOM_HEADER_AUTHORIZATION": "Token gateway-secret-0002"}) as server:
+        Client(server).json("POST", "/v1/messages", req())
+    headers = upstream.requests[0]["headers"]
+    assert headers["Authorization"] == "Token gateway-secret-0002"
+    upstream_error = cp.upstream_error(401, b'{"error": {"message": "bad Token gateway-secret-0002"}}', None)
+    assert server.redact(upstream_error.message) == "upstream: bad ***"
+    assert "gateway-secret-0002" not in caplog.text
+
+
+def test_banner_and_check_show_every_tier_chain(upstream, second, tmp_path):
+    env = dict(os.environ, OPENAI_BASE_URL=upstream.url, OPENAI_API_KEY="sk-check-0000001", BACKUP_BASE_URL=second.url,
+               BIG_MODEL="gpt-4o,backup/b-model", SMALL_MODEL="backup/b-model", PIN_CPU="off")
+    second.get_script.append(json_reply({"object": "list", "data": [{"id": "b-model"}]}))
+    second.script.extend([json_text("ok"), json_text("ok")])
+    result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--check"], cwd=str(tmp_path),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert "opus                gpt-4o, backup/b-model" in out and "haiku               backup/b-model" in out
+    assert "backup %s (generic)" % second.url in out
+    assert [r["body"]["model"] for r in second.requests if r["body"]] == ["b-model"]    # once for both tiers
+    server = cp.ProxyServer(provider_settings({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                                               "BIG_MODEL": "gpt-4o,backup/b-model"}), listen=False)
+    try:
+        text = cp.banner(server.settings, server)
+    finally:
+        server.server_close()
+        server.close_upstreams()
+    assert "opus -> gpt-4o, backup/b-model, sonnet -> gpt-4o, backup/b-model" in text
+    assert "provider  backup %s (generic)" % second.url in text
+
+
+def test_idle_keep_alive_connections_are_closed_after_keepalive_timeout(upstream):
+    with running_proxy(upstream.url, keepalive_timeout=0.2) as server:
+        sock = socket.create_connection(server.server_address[:2], timeout=10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received or not received.endswith(b"}"):
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+        assert sock.recv(4096) == b""          # closed by the proxy, well before the 10 s here
+        sock.close()
+
+
+def test_after_a_cut_stream_the_connection_serves_the_retry(upstream, proxy):
+    upstream.script.extend([sse_reply([chunk({"content": "half"})], done=False), json_text("retried")])
+    client = Client(proxy)
+    response, payload = client.call("POST", "/v1/messages", dict(req(), stream=True))
+    assert response.getheader("Connection") != "close"
+    error = check_stream(parse_sse(payload))[-1]
+    assert error["type"] == "error"
+    assert "closed the stream after 1 events, before the answer ended" in error["error"]["message"] \
+        or "before the answer" in error["error"]["message"]
+    assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "retried"   # same socket
+    assert upstream.connections >= 1
+
+
+# ---------------------------------------------------------------------------------------------
 # Never down: bad input, limits, upstream faults, clients leaving, overload, shutdown
 
 def raw_exchange(server, data, read_all=True):
