@@ -25,6 +25,8 @@ import pytest
 
 import claude_proxy as cp
 
+cp.install_speedups()       # as main() does: the tests run what users run
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = cp.Settings(openai_base_url="http://127.0.0.1:9/v1")   # a generic upstream
 
@@ -2668,6 +2670,60 @@ def test_after_a_cut_stream_the_connection_serves_the_retry(upstream, proxy):
         or "before the answer" in error["error"]["message"]
     assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "retried"   # same socket
     assert upstream.connections >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed-ups: `import claude_proxy` changes nothing in the process; the plain path works alone
+
+PLAIN_PATH_SCRIPT = r'''
+import http.client, http.server, json, socket, sys, threading
+parse_headers, socket_class = http.client.parse_headers, socket.socket
+sys.path.insert(0, sys.argv[1])
+import claude_proxy as cp
+assert http.client.parse_headers is parse_headers and socket.socket is socket_class
+assert cp.ProxyServer.handler_class is cp.Handler and cp.UpstreamPool.connection_classes[0] is http.client.HTTPConnection
+
+class Fake(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("stream"):
+            events = [{"choices": [{"index": 0, "delta": {"content": "plain"}, "finish_reason": "stop"}]}]
+            data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+            kind = "text/event-stream"
+        else:
+            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "plain"},
+                                            "finish_reason": "stop"}]}).encode()
+            kind = "application/json"
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+threading.Thread(target=fake.serve_forever, daemon=True).start()
+server = cp.ProxyServer(cp.Settings(openai_base_url="http://127.0.0.1:%d/v1" % fake.server_address[1], port=0))
+threading.Thread(target=server.serve_forever, daemon=True).start()
+conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+for stream in (False, True, False):
+    request = {"model": "claude-haiku-4-5", "max_tokens": 10, "stream": stream,
+               "messages": [{"role": "user", "content": "hi"}]}
+    conn.request("POST", "/v1/messages", json.dumps(request), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = response.read().decode()
+    assert response.status == 200 and "plain" in payload, payload
+    assert ("event: message_stop" in payload) == stream
+print("plain path ok")
+'''
+
+
+def test_import_changes_nothing_and_the_plain_path_serves_streams_and_answers():
+    result = subprocess.run([sys.executable, "-c", PLAIN_PATH_SCRIPT, HERE], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=60)
+    assert result.stdout.decode().strip().endswith("plain path ok"), result.stdout.decode()
 
 
 # ---------------------------------------------------------------------------------------------
