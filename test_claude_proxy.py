@@ -2672,6 +2672,22 @@ def test_after_a_cut_stream_the_connection_serves_the_retry(upstream, proxy):
     assert upstream.connections >= 1
 
 
+def test_access_line_says_what_happened_once(upstream, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    upstream.script.extend([failing(500), json_text("whole")])
+    with running_proxy(upstream.url, anthropic_api_key="client-key-000000001", upstream_streaming="off") as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req(model="claude-haiku-4-5"))[0] == 401       # no key
+        headers = {"x-api-key": "client-key-000000001"}
+        assert client.json("POST", "/v1/messages", req(), headers)[0] == 500
+        assert client.stream(req(), headers)[-1]["type"] == "message_stop"
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "failure 500" in line] == [
+        [line for line in lines if line.startswith("POST /v1/messages 500")][0]]      # logged once, on the access line
+    assert any(line.startswith("POST /v1/messages 401 claude-haiku-4-5 ") for line in lines)
+    assert any("claude-opus-4-8 -> gpt-4o stream (upstream whole)" in line for line in lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Speed-ups: `import claude_proxy` changes nothing in the process; the plain path works alone
 
@@ -3207,13 +3223,17 @@ def test_e2e_one_access_log_line_per_request_with_models_tokens_and_times(upstre
 
 def test_command_line_json_log_format_writes_one_object_a_line(upstream, tmp_path):
     upstream.script.append(json_text("logged"))
+    upstream.script.append(sse_text("streamed"))
     proxy = ProxyProcess("--log-format", "json", cwd=str(tmp_path), env={"OPENAI_BASE_URL": upstream.url,
                                                                          "OPENAI_API_KEY": "sk-json-secret-1234567"})
     try:
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
         conn.request("POST", "/v1/messages", json.dumps(req()), {"Content-Type": "application/json"})
-        assert conn.getresponse().status == 200
-        assert wait_for(lambda: '"path": "/v1/messages"' in proxy.output), proxy.output
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+        conn.request("POST", "/v1/messages", json.dumps(req(stream=True)), {"Content-Type": "application/json"})
+        conn.getresponse().read()
+        assert wait_for(lambda: proxy.output.count('"path": "/v1/messages"') == 2), proxy.output
     finally:
         proxy.stop()
     log_lines = [line for line in proxy.lines if line.startswith("{")]
@@ -3221,6 +3241,9 @@ def test_command_line_json_log_format_writes_one_object_a_line(upstream, tmp_pat
     access = [e for e in entries if e.get("path") == "/v1/messages"][0]
     assert access["status"] == 200 and access["model"] == "claude-opus-4-8" and access["upstream_model"] == "gpt-4o"
     assert access["level"] == "INFO" and access["time"].endswith("Z") and "total" in access
+    streamed = [e for e in entries if e.get("path") == "/v1/messages"][1]
+    assert streamed["ttft"] == round(streamed["ttft"], 4) and streamed["total"] == round(streamed["total"], 4)
+    assert list(streamed)[:3] == ["time", "level", "message"] and streamed["provider"] == "default"
     assert "sk-json-secret-1234567" not in proxy.output
 
 
