@@ -167,6 +167,11 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="claude-code-proxy",
+        epilog="providers: a model setting may be NAME/model, NAME defined by NAME_BASE_URL, NAME_API_KEY, "
+        "NAME_PROVIDER and NAME_HEADER_* (deepseek, openrouter, groq, mistral and gemini need only "
+        "their NAME_API_KEY; ollama and lmstudio nothing); several, comma-separated, are a failover "
+        "chain (BIG_MODEL=gpt-5,deepseek/deepseek-v4-pro). Several keys, comma-separated, are used "
+        "in turn. CUSTOM_HEADER_X_CORP_TEAM=v sends X-Corp-Team: v upstream.",
         description="Anthropic Messages API proxy for OpenAI-compatible providers. Every setting "
         "is a flag, an environment variable or a line in .env; flags win over the environment, "
         "which wins over .env.")
@@ -436,7 +441,7 @@ def model_chain(value: str, provider_names: Iterable[str]) -> Tuple[ChainEntry, 
     chain = []
     for entry in split_list(value) or (value,):
         prefix, slash, rest = entry.partition("/")
-        if slash and rest and prefix.lower() in names and prefix.lower() != DEFAULT_PROVIDER:
+        if slash and rest and prefix.lower() in names:     # (default/… names the default one)
             chain.append(ChainEntry(prefix.lower(), rest))
         else:
             chain.append(ChainEntry(DEFAULT_PROVIDER, entry))

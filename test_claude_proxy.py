@@ -2488,6 +2488,7 @@ def test_model_settings_name_providers_and_chains():
     assert chain_of(s, "openai/gpt-4o") == [("default", "openai/gpt-4o")]          # OPENAI_ is the default
     assert chain_of(s, "ollama/llama3") == [("ollama", "llama3")]                   # local: needs no key
     assert chain_of(s, "groq/llama3") == [("default", "groq/llama3")]               # no GROQ_API_KEY
+    assert chain_of(s, "default/deepseek/r1") == [("default", "deepseek/r1")]       # the default, said outright
     providers = {p.name: p for p in s.providers}
     assert "anthropic" not in providers and providers["default"].api_keys == ("k1", "k2")
     assert providers["openrouter"].base_url == "https://openrouter.ai/api/v1"
