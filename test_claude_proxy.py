@@ -26,6 +26,8 @@ import pytest
 
 import claude_proxy as cp
 
+cp.install_speedups()       # as main() does: the tests run what users run
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = cp.Settings(openai_base_url="http://127.0.0.1:9/v1")   # a generic upstream
 
@@ -235,7 +237,7 @@ def test_log_records_and_tracebacks_are_redacted():
         raise ValueError("Invalid header value b'Bearer sk-live-SECRET'")
     except ValueError:
         record = logging.LogRecord("claude_proxy", logging.ERROR, __file__, 1, "key %s", ("sk-live-SECRET",), sys.exc_info())
-    assert cp.RedactSecrets(("sk-live-SECRET",)).filter(record)
+    assert cp.RedactSecrets(cp.Redactor(("sk-live-SECRET",))).filter(record)
     assert "sk-live-SECRET" not in record.getMessage() and "Bearer ***" in record.getMessage()
     assert record.exc_info is None
 
@@ -1523,7 +1525,7 @@ def start_proxy(upstream_url, **settings):
 def stop_proxy(server):
     server.shutdown()
     server.server_close()
-    server.pool.close()
+    server.close_upstreams()
 
 
 @contextlib.contextmanager
@@ -2445,6 +2447,304 @@ def test_command_line_help_lists_every_setting_with_its_variable_and_default():
 
 
 # ---------------------------------------------------------------------------------------------
+# Providers per tier, failover chains, keys in turn, extra headers (two or three fake upstreams)
+
+
+def provider_settings(environ, argv=()):
+    environ = dict(environ)
+    environ.setdefault("PORT", "0")
+    return cp.load_settings(environ, list(argv), "")
+
+
+@contextlib.contextmanager
+def proxy_for(environ):
+    server = cp.ProxyServer(provider_settings(environ))
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    try:
+        yield server
+    finally:
+        stop_proxy(server)
+
+
+@pytest.fixture
+def second():
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
+
+
+def chain_of(settings, model):
+    return [(e.provider, e.model) for e in cp.model_chain(cp.map_model(model, settings), (p.name for p in settings.providers))]
+
+
+def test_model_settings_name_providers_and_chains():
+    s = provider_settings({"LOCAL_BASE_URL": "http://127.0.0.1:11434/v1", "SMALL_MODEL": "local/qwen3-coder:30b",
+                           "BIG_MODEL": "gpt-5, openrouter/openai/gpt-5,deepseek/deepseek-v4-pro",
+                           "MIDDLE_MODEL": "Qwen/Qwen3-Coder-480B", "OPENROUTER_API_KEY": "or-key",
+                           "DEEPSEEK_API_KEY": "ds-key", "ANTHROPIC_BASE_URL": "http://x", "OPENAI_API_KEY": "k1,k2"})
+    assert chain_of(s, "claude-haiku-4-5") == [("local", "qwen3-coder:30b")]
+    assert chain_of(s, "claude-opus-4-8") == [("default", "gpt-5"), ("openrouter", "openai/gpt-5"),
+                                              ("deepseek", "deepseek-v4-pro")]
+    assert chain_of(s, "claude-sonnet-5") == [("default", "Qwen/Qwen3-Coder-480B")]    # no provider "qwen"
+    assert chain_of(s, "openai/gpt-4o") == [("default", "openai/gpt-4o")]          # OPENAI_ is the default
+    assert chain_of(s, "ollama/llama3") == [("ollama", "llama3")]                   # local: needs no key
+    assert chain_of(s, "groq/llama3") == [("default", "groq/llama3")]               # no GROQ_API_KEY
+    assert chain_of(s, "default/deepseek/r1") == [("default", "deepseek/r1")]       # the default, said outright
+    providers = {p.name: p for p in s.providers}
+    assert "anthropic" not in providers and providers["default"].api_keys == ("k1", "k2")
+    assert providers["openrouter"].base_url == "https://openrouter.ai/api/v1"
+    assert providers["deepseek"].api_keys == ("ds-key",)
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"LOCAL_BASE_URL": "localhost:11434"}, "LOCAL_BASE_URL must start with https:// or http://"),
+    ({"QWEN_API_KEY": "q", "BIG_MODEL": "qwen/qwen3-max"},
+     "BIG_MODEL names provider 'qwen': QWEN_API_KEY is set but QWEN_BASE_URL is not"),
+    ({"LOCAL_BASE_URL": "http://h/v1", "LOCAL_PROVIDER": "nope"}, "LOCAL_PROVIDER must be auto or one of"),
+])
+def test_bad_provider_definitions_stop_start_up_with_one_line(environ, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        provider_settings(environ)
+    assert provider_settings({"BIG_MODEL": "qwen/qwen3-max"}).big_model == "qwen/qwen3-max"   # just a name
+
+
+def test_tiers_go_to_their_providers_with_their_keys_and_headers(upstream, second):
+    environ = {"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "sk-default-key-0001",
+               "LOCAL_BASE_URL": second.url, "LOCAL_API_KEY": "local-key-0000002", "SMALL_MODEL": "local/qwen3",
+               "BIG_MODEL": "gpt-5", "CUSTOM_HEADER_X_CORP_TEAM": "team-42", "LOCAL_HEADER_X_TITLE": "my-team"}
+    with proxy_for(environ) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req(model="claude-haiku-4-5"))[0] == 200
+        assert client.stream(req(model="claude-opus-4-8"))[-1]["type"] == "message_stop"
+        status, _, listing = client.json("GET", "/v1/models")
+    (local,), (default,) = second.requests, upstream.requests
+    assert local["body"]["model"] == "qwen3" and local["headers"]["Authorization"] == "Bearer local-key-0000002"
+    assert local["headers"]["X-Corp-Team"] == "team-42" and local["headers"]["X-Title"] == "my-team"
+    assert default["body"]["model"] == "gpt-5" and default["headers"]["Authorization"] == "Bearer sk-default-key-0001"
+    assert default["headers"]["X-Corp-Team"] == "team-42" and "X-Title" not in default["headers"]
+    names = {m["id"]: m["display_name"] for m in listing["data"]}
+    assert names["claude-haiku"] == "claude-haiku (served by local/qwen3)" and "local/qwen3" in names
+
+
+def failing(status, retry_after=None):
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return json_reply({"error": {"message": "failure %d" % status, "type": "server_error"}}, status, headers)
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504, 529])
+def test_a_failing_provider_hands_the_request_to_the_next_in_the_chain(upstream, second, caplog, status):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    upstream.script.append(failing(status))
+    second.script.append(json_text("from the second"))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                    "BIG_MODEL": "gpt-5,backup/other-model"}) as server:
+        status_out, _, message = Client(server).json("POST", "/v1/messages", req())
+    assert status_out == 200 and message["content"][0]["text"] == "from the second"
+    assert second.requests[0]["body"]["model"] == "other-model"
+    assert "claude-opus-4-8 -> backup/other-model failed: default %d" % status in caplog.text
+
+
+def test_unreachable_and_silent_providers_fail_over_too(upstream, second):
+    silent = threading.Event()
+    upstream.script.append(lambda handler, body: silent.wait(10))
+    second.script.extend([json_text("after a timeout"), json_text("after a refusal")])
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url, "REQUEST_TIMEOUT": "0.3",
+                    "BIG_MODEL": "gpt-5,backup/b", "SMALL_MODEL": "dead/x,backup/b",
+                    "DEAD_BASE_URL": "http://127.0.0.1:9/v1"}) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "after a timeout"
+        answer = client.json("POST", "/v1/messages", req(model="claude-haiku-4-5"))[2]
+    silent.set()
+    assert answer["content"][0]["text"] == "after a refusal"
+
+
+def test_no_failover_on_a_bad_request_or_after_the_stream_began(upstream, second):
+    upstream.script.extend([failing(400), sse_reply([chunk({"content": "half"})], done=False)])
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                    "BIG_MODEL": "gpt-5,backup/b"}) as server:
+        client = Client(server)
+        status, _, error = client.json("POST", "/v1/messages", req())
+        events = client.stream(req())
+    assert status == 400 and error["error"]["type"] == "invalid_request_error"
+    assert events[-1]["type"] == "error" and not second.requests
+
+
+def test_a_failed_provider_cools_down_then_is_tried_again(upstream, second, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(cp.time, "monotonic", lambda: clock[0])
+    upstream.script.extend([failing(503, retry_after="20"), json_text("default again")])
+    second.script.extend([json_text("b1"), json_text("b2")])
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                    "BIG_MODEL": "gpt-5,backup/b"}) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "b1"
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "b2"   # skipped
+        assert len(upstream.requests) == 1
+        clock[0] += 21
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "default again"
+
+
+def test_when_every_provider_cools_down_the_first_is_tried_anyway(upstream, second, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(cp.time, "monotonic", lambda: clock[0])
+    upstream.script.extend([failing(502), json_text("first anyway")])
+    second.script.append(failing(502))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                    "BIG_MODEL": "gpt-5,backup/b"}) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req())[0] == 502
+        assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "first anyway"
+    assert (len(upstream.requests), len(second.requests)) == (2, 1)
+
+
+def test_keys_are_used_in_turn_and_a_rate_limited_key_rests(upstream, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(cp.time, "monotonic", lambda: clock[0])
+    upstream.script.extend([json_text("1"), failing(429, retry_after="60"), json_text("2"), json_text("3"),
+                            json_text("4")])
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "key-one-000000001,key-two-000000002"}) as server:
+        client = Client(server)
+        for _ in range(3):
+            assert client.json("POST", "/v1/messages", req())[0] == 200
+        clock[0] += 61
+        assert client.json("POST", "/v1/messages", req())[0] == 200
+    keys = [r["headers"]["Authorization"][-1] for r in upstream.requests]
+    # one, two (429: rests; retried at once with one), one (two still resting), then in turn again
+    assert keys == ["1", "2", "1", "1", "2"]
+
+
+def test_a_custom_header_replaces_the_proxys_own_and_is_masked_in_logs(upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    upstream.script.append(failing(401))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "sk-never-sent-0001",
+                    "CUSTOM_HEADER_AUTHORIZATION": "Token gateway-secret-0002"}) as server:
+        Client(server).json("POST", "/v1/messages", req())
+    headers = upstream.requests[0]["headers"]
+    assert headers["Authorization"] == "Token gateway-secret-0002"
+    upstream_error = cp.upstream_error(401, b'{"error": {"message": "bad Token gateway-secret-0002"}}', None)
+    assert server.redact(upstream_error.message) == "upstream: bad ***"
+    assert "gateway-secret-0002" not in caplog.text
+
+
+def test_banner_and_check_show_every_tier_chain(upstream, second, tmp_path):
+    env = dict(os.environ, OPENAI_BASE_URL=upstream.url, OPENAI_API_KEY="sk-check-0000001", BACKUP_BASE_URL=second.url,
+               BIG_MODEL="gpt-4o,backup/b-model", SMALL_MODEL="backup/b-model", PIN_CPU="off")
+    second.get_script.append(json_reply({"object": "list", "data": [{"id": "b-model"}]}))
+    second.script.extend([json_text("ok"), json_text("ok")])
+    result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--check"], cwd=str(tmp_path),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert "opus                gpt-4o, backup/b-model" in out and "haiku               backup/b-model" in out
+    assert "backup %s (generic)" % second.url in out
+    assert [r["body"]["model"] for r in second.requests if r["body"]] == ["b-model"]    # once for both tiers
+    server = cp.ProxyServer(provider_settings({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
+                                               "BIG_MODEL": "gpt-4o,backup/b-model"}), listen=False)
+    try:
+        text = cp.banner(server.settings, server)
+    finally:
+        server.server_close()
+        server.close_upstreams()
+    assert "opus -> gpt-4o, backup/b-model, sonnet -> gpt-4o, backup/b-model" in text
+    assert "provider  backup %s (generic)" % second.url in text
+
+
+def test_idle_keep_alive_connections_are_closed_after_keepalive_timeout(upstream):
+    with running_proxy(upstream.url, keepalive_timeout=0.2) as server:
+        sock = socket.create_connection(server.server_address[:2], timeout=10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received or not received.endswith(b"}"):
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+        assert sock.recv(4096) == b""          # closed by the proxy, well before the 10 s here
+        sock.close()
+
+
+def test_after_a_cut_stream_the_connection_serves_the_retry(upstream, proxy):
+    upstream.script.extend([sse_reply([chunk({"content": "half"})], done=False), json_text("retried")])
+    client = Client(proxy)
+    response, payload = client.call("POST", "/v1/messages", dict(req(), stream=True))
+    assert response.getheader("Connection") != "close"
+    error = check_stream(parse_sse(payload))[-1]
+    assert error["type"] == "error"
+    assert "closed the stream after 1 events, before the answer ended" in error["error"]["message"] \
+        or "before the answer" in error["error"]["message"]
+    assert client.json("POST", "/v1/messages", req())[2]["content"][0]["text"] == "retried"   # same socket
+    assert upstream.connections >= 1
+
+
+def test_access_line_says_what_happened_once(upstream, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    upstream.script.extend([failing(500), json_text("whole")])
+    with running_proxy(upstream.url, anthropic_api_key="client-key-000000001", upstream_streaming="off") as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req(model="claude-haiku-4-5"))[0] == 401       # no key
+        headers = {"x-api-key": "client-key-000000001"}
+        assert client.json("POST", "/v1/messages", req(), headers)[0] == 500
+        assert client.stream(req(), headers)[-1]["type"] == "message_stop"
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "failure 500" in line] == [
+        [line for line in lines if line.startswith("POST /v1/messages 500")][0]]      # logged once, on the access line
+    assert any(line.startswith("POST /v1/messages 401 claude-haiku-4-5 ") for line in lines)
+    assert any("claude-opus-4-8 -> gpt-4o stream (upstream whole)" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed-ups: `import claude_proxy` changes nothing in the process; the plain path works alone
+
+PLAIN_PATH_SCRIPT = r'''
+import http.client, http.server, json, socket, sys, threading
+parse_headers, socket_class = http.client.parse_headers, socket.socket
+sys.path.insert(0, sys.argv[1])
+import claude_proxy as cp
+assert http.client.parse_headers is parse_headers and socket.socket is socket_class
+assert cp.ProxyServer.handler_class is cp.Handler and cp.UpstreamPool.connection_classes[0] is http.client.HTTPConnection
+
+class Fake(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("stream"):
+            events = [{"choices": [{"index": 0, "delta": {"content": "plain"}, "finish_reason": "stop"}]}]
+            data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+            kind = "text/event-stream"
+        else:
+            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "plain"},
+                                            "finish_reason": "stop"}]}).encode()
+            kind = "application/json"
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+threading.Thread(target=fake.serve_forever, daemon=True).start()
+server = cp.ProxyServer(cp.Settings(openai_base_url="http://127.0.0.1:%d/v1" % fake.server_address[1], port=0))
+threading.Thread(target=server.serve_forever, daemon=True).start()
+conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+for stream in (False, True, False):
+    request = {"model": "claude-haiku-4-5", "max_tokens": 10, "stream": stream,
+               "messages": [{"role": "user", "content": "hi"}]}
+    conn.request("POST", "/v1/messages", json.dumps(request), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = response.read().decode()
+    assert response.status == 200 and "plain" in payload, payload
+    assert ("event: message_stop" in payload) == stream
+print("plain path ok")
+'''
+
+
+def test_import_changes_nothing_and_the_plain_path_serves_streams_and_answers():
+    result = subprocess.run([sys.executable, "-c", PLAIN_PATH_SCRIPT, HERE], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=60)
+    assert result.stdout.decode().strip().endswith("plain path ok"), result.stdout.decode()
+
+
+# ---------------------------------------------------------------------------------------------
 # Never down: bad input, limits, upstream faults, clients leaving, overload, shutdown
 
 def raw_exchange(server, data, read_all=True):
@@ -2925,13 +3225,17 @@ def test_e2e_one_access_log_line_per_request_with_models_tokens_and_times(upstre
 
 def test_command_line_json_log_format_writes_one_object_a_line(upstream, tmp_path):
     upstream.script.append(json_text("logged"))
+    upstream.script.append(sse_text("streamed"))
     proxy = ProxyProcess("--log-format", "json", cwd=str(tmp_path), env={"OPENAI_BASE_URL": upstream.url,
                                                                          "OPENAI_API_KEY": "sk-json-secret-1234567"})
     try:
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
         conn.request("POST", "/v1/messages", json.dumps(req()), {"Content-Type": "application/json"})
-        assert conn.getresponse().status == 200
-        assert wait_for(lambda: '"path": "/v1/messages"' in proxy.output), proxy.output
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+        conn.request("POST", "/v1/messages", json.dumps(req(stream=True)), {"Content-Type": "application/json"})
+        conn.getresponse().read()
+        assert wait_for(lambda: proxy.output.count('"path": "/v1/messages"') == 2), proxy.output
     finally:
         proxy.stop()
     log_lines = [line for line in proxy.lines if line.startswith("{")]
@@ -2939,6 +3243,9 @@ def test_command_line_json_log_format_writes_one_object_a_line(upstream, tmp_pat
     access = [e for e in entries if e.get("path") == "/v1/messages"][0]
     assert access["status"] == 200 and access["model"] == "claude-opus-4-8" and access["upstream_model"] == "gpt-4o"
     assert access["level"] == "INFO" and access["time"].endswith("Z") and "total" in access
+    streamed = [e for e in entries if e.get("path") == "/v1/messages"][1]
+    assert streamed["ttft"] == round(streamed["ttft"], 4) and streamed["total"] == round(streamed["total"], 4)
+    assert list(streamed)[:3] == ["time", "level", "message"] and streamed["provider"] == "default"
     assert "sk-json-secret-1234567" not in proxy.output
 
 
@@ -3553,30 +3860,32 @@ def test_status_data_after_a_known_mix_of_requests(upstream, proxy):
         ("/v1/messages", 200, "claude-haiku-4-5"), ("/v1/messages", 200, "claude-sonnet-4-5")]
     stream = recent[-1]
     assert (stream["provider"], stream["upstream_model"], stream["stream"], stream["session"]) == (
-        "generic", "gpt-4o", True, "sess-42")
+        "default", "gpt-4o", True, "sess-42")
     assert (stream["input_tokens"], stream["output_tokens"], stream["cached_tokens"]) == (15, 3, 5)
     assert 0 < stream["ttft"] <= stream["duration"] and stream["error"] == "" and stream["failed"] == []
     assert recent[-2]["ttft"] is None and recent[-2]["upstream_model"] == "gpt-4o-mini"
-    assert recent[3]["error"] == "rate_limit_error: upstream: slow down" and recent[3]["failed"] == [["generic", "429"]]
-    assert recent[3]["provider"] == "" and recent[2]["failed"] == [["generic", "5xx"]]
+    assert recent[3]["error"] == "rate_limit_error: upstream: slow down" and recent[3]["failed"] == [["default", "429"]]
+    assert recent[3]["provider"] == "" and recent[2]["failed"] == [["default", "500"]]
     assert data["requests"] == 6 and data["errors"] == 2 and data["in_flight"] == 0 and data["searches"] == 0
     assert data["totals"] == [
-        {"provider": "generic", "upstream_model": "gpt-4o", "requests": 3, "errors": 2,
+        {"provider": "default", "upstream_model": "gpt-4o", "requests": 3, "errors": 2,
          "input_tokens": 15, "output_tokens": 3, "cached_tokens": 5},
-        {"provider": "generic", "upstream_model": "gpt-4o-mini", "requests": 1, "errors": 0,
+        {"provider": "default", "upstream_model": "gpt-4o-mini", "requests": 1, "errors": 0,
          "input_tokens": 9, "output_tokens": 2, "cached_tokens": 0},
-        {"provider": "generic", "upstream_model": 'we"ird\\model\nx', "requests": 1, "errors": 0,
+        {"provider": "default", "upstream_model": 'we"ird\\model\nx', "requests": 1, "errors": 0,
          "input_tokens": 1, "output_tokens": 1, "cached_tokens": 0}]
-    assert data["failures"] == [{"provider": "generic", "kind": "429", "count": 1},
-                                {"provider": "generic", "kind": "5xx", "count": 1}]
+    assert data["failures"] == [{"provider": "default", "kind": "429", "count": 1},
+                                {"provider": "default", "kind": "500", "count": 1}]
     last = data["series"][-2:]                  # (the mix may straddle a minute's end)
     assert len(data["series"]) == 60 and sum(s["requests"] for s in last) == 6
     assert sum(s["input_tokens"] for s in last) == 25 and sum(s["errors"] for s in last) == 2
     assert data["requests_per_minute"] == 6.0
-    assert data["providers"] == [{"name": "generic", "url": upstream.url, "dialect": "generic", "api": "chat",
-                                  "keys": 1, "state": "ok", "until": None, "last_error": "api_error: upstream: broken"}]
-    assert data["tiers"] == [{"tier": "opus", "chain": ["generic/gpt-4o"]}, {"tier": "sonnet", "chain": ["generic/gpt-4o"]},
-                             {"tier": "haiku", "chain": ["generic/gpt-4o-mini"]}]
+    until = data["providers"][0].pop("until")       # the failures put it to rest for COOL_DOWN seconds
+    assert data["now"] < until <= data["now"] + cp.COOL_DOWN + 1
+    assert data["providers"] == [{"name": "default", "url": upstream.url, "dialect": "generic", "api": "chat",
+                                  "keys": 1, "state": "cooling", "last_error": "500: upstream: broken"}]
+    assert data["tiers"] == [{"tier": "opus", "chain": ["default/gpt-4o"]}, {"tier": "sonnet", "chain": ["default/gpt-4o"]},
+                             {"tier": "haiku", "chain": ["default/gpt-4o-mini"]}]
     assert "OPENAI_API_KEY      set (22 characters)" in data["settings"]
     assert "sk-upstream-secret-123" not in json.dumps(data) and data["version"] == cp.__version__
     assert 0 <= data["uptime"] < 60
@@ -3591,23 +3900,23 @@ def test_metrics_follow_the_text_format_after_a_known_mix(upstream, proxy):
     requests = prom_samples(families, "claude_proxy_requests_total")
     key = lambda model, upstream_model, provider, status: (("model", model), ("provider", provider),
                                                             ("status", status), ("upstream_model", upstream_model))
-    assert requests == {key("claude-sonnet-4-5", "gpt-4o", "generic", "200"): 1,
-                        key("claude-haiku-4-5", "gpt-4o-mini", "generic", "200"): 1,
+    assert requests == {key("claude-sonnet-4-5", "gpt-4o", "default", "200"): 1,
+                        key("claude-haiku-4-5", "gpt-4o-mini", "default", "200"): 1,
                         key("claude-opus-4-8", "gpt-4o", "", "429"): 1, key("claude-opus-4-8", "gpt-4o", "", "500"): 1,
-                        key('we"ird\\model\nx', 'we"ird\\model\nx', "generic", "200"): 1, key("", "", "", "200"): 1}
+                        key('we"ird\\model\nx', 'we"ird\\model\nx', "default", "200"): 1, key("", "", "", "200"): 1}
     tokens = prom_samples(families, "claude_proxy_tokens_total")
-    assert tokens[(("kind", "cached"), ("provider", "generic"), ("upstream_model", "gpt-4o"))] == 5
-    assert tokens[(("kind", "input"), ("provider", "generic"), ("upstream_model", "gpt-4o-mini"))] == 9
+    assert tokens[(("kind", "cached"), ("provider", "default"), ("upstream_model", "gpt-4o"))] == 5
+    assert tokens[(("kind", "input"), ("provider", "default"), ("upstream_model", "gpt-4o-mini"))] == 9
     assert families["claude_proxy_request_duration_seconds"]["type"] == "histogram"
     assert prom_samples(families, "claude_proxy_request_duration_seconds_count") == {(): 6}
     assert prom_samples(families, "claude_proxy_time_to_first_token_seconds_count") == {(): 1}
     assert prom_samples(families, "claude_proxy_requests_in_flight") == {(): 0}
     assert families["claude_proxy_requests_in_flight"]["type"] == "gauge"
     assert prom_samples(families, "claude_proxy_upstream_failures_total") == {
-        (("kind", "429"), ("provider", "generic")): 1, (("kind", "5xx"), ("provider", "generic")): 1}
+        (("kind", "429"), ("provider", "default")): 1, (("kind", "500"), ("provider", "default")): 1}
     assert prom_samples(families, "claude_proxy_failovers_total") == {}      # one provider: nowhere to go
     assert prom_samples(families, "claude_proxy_web_searches_total") == {(): 0}
-    assert prom_samples(families, "claude_proxy_provider_cooling") == {(("provider", "generic"),): 0}
+    assert prom_samples(families, "claude_proxy_provider_cooling") == {(("provider", "default"),): 1}   # after the 500
 
 
 def test_stats_failovers_cooling_and_bounded_memory():
@@ -3617,13 +3926,13 @@ def test_stats_failovers_cooling_and_bounded_memory():
                                   searches=2, failed=(("openrouter", "429"), ("groq", "timeout"))))
     stats.record(cp.RequestRecord(started=121.0, method="POST", path="/v1/messages", status=502, model="claude-opus-4-8",
                                   upstream_model="deepseek-v4-pro", duration=1.0, error="api_error: unreachable",
-                                  failed=(("openrouter", "connect"), ("deepseek", "5xx"))))
+                                  failed=(("openrouter", "connect"), ("deepseek", "500"))))
     health = [{"name": "openrouter", "state": "cooling", "until": 200.0}, {"name": "deepseek", "state": "ok"},
               {"tier": "opus", "chain": ["openrouter/x", "deepseek/deepseek-v4-pro"]}]
     families = parse_prometheus(stats.render_metrics(health))
     assert prom_samples(families, "claude_proxy_upstream_failures_total") == {
         (("kind", "429"), ("provider", "openrouter")): 1, (("kind", "timeout"), ("provider", "groq")): 1,
-        (("kind", "connect"), ("provider", "openrouter")): 1, (("kind", "5xx"), ("provider", "deepseek")): 1}
+        (("kind", "connect"), ("provider", "openrouter")): 1, (("kind", "500"), ("provider", "deepseek")): 1}
     assert prom_samples(families, "claude_proxy_failovers_total") == {      # the last failure led nowhere
         (("kind", "429"), ("provider", "openrouter")): 1, (("kind", "timeout"), ("provider", "groq")): 1,
         (("kind", "connect"), ("provider", "openrouter")): 1}
@@ -3647,6 +3956,29 @@ def test_stats_failovers_cooling_and_bounded_memory():
     assert len(stats.requests) <= cp.MAX_SERIES + 1 and len(stats.totals) <= cp.MAX_SERIES + 1
     assert stats.requests[("other", "other", "other", "other")] > 0 and len(stats.recent) == 100
     assert min(stats.minutes) > 4000 // 60 - 60 and 2 not in stats.minutes      # an hour of minutes kept
+
+
+def test_status_and_metrics_show_a_failover_and_the_cooling_provider(upstream, second):
+    upstream.script.append(failing(503, retry_after="120"))
+    second.script.append(json_reply(completion({"content": "x"}, usage={"prompt_tokens": 7, "completion_tokens": 1})))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url, "BACKUP_API_KEY": "b-key-1,b-key-2",
+                    "BIG_MODEL": "gpt-5,backup/other-model"}) as server:
+        client = Client(server)
+        assert client.json("POST", "/v1/messages", req())[0] == 200
+        data = client.json("GET", "/status.json")[2]
+        families = parse_prometheus(client.call("GET", "/metrics")[1].decode())
+    (rec,) = data["recent"]
+    assert (rec["provider"], rec["upstream_model"], rec["failed"], rec["input_tokens"]) == (
+        "backup", "other-model", [["default", "503"]], 7)
+    providers = {p["name"]: p for p in data["providers"]}
+    assert providers["default"]["state"] == "cooling" and providers["backup"]["state"] == "ok"
+    assert data["now"] + 100 < providers["default"]["until"] <= data["now"] + 121      # its Retry-After
+    assert providers["default"]["last_error"].startswith("503: ") and providers["backup"]["keys"] == 2
+    assert data["tiers"][0] == {"tier": "opus", "chain": ["default/gpt-5", "backup/other-model"]}
+    assert prom_samples(families, "claude_proxy_failovers_total") == {(("kind", "503"), ("provider", "default")): 1}
+    assert prom_samples(families, "claude_proxy_upstream_failures_total") == {(("kind", "503"), ("provider", "default")): 1}
+    assert prom_samples(families, "claude_proxy_provider_cooling") == {
+        (("provider", "default"),): 1, (("provider", "backup"),): 0}
 
 
 @pytest.mark.parametrize("client_key,host,authorization,x_api_key,expected", [
@@ -3886,7 +4218,7 @@ def test_status_page_in_headless_chromium_shows_a_new_request_without_a_reload(u
         assert wait_for(lambda: devtools.evaluate(row), 20), devtools.evaluate("document.body.innerText")
         assert devtools.evaluate("window.loadedOnce") == 42              # the same page: no reload
         text = devtools.evaluate(row)
-        assert "/v1/messages" in text and "\u2192 generic/gpt-4o" in text and "31" in text and "200" in text
+        assert "/v1/messages" in text and "\u2192 default/gpt-4o" in text and "31" in text and "200" in text
         assert devtools.evaluate("document.querySelectorAll('#recent b').length") == 0   # text, never markup
         assert devtools.evaluate("document.getElementById('totals').textContent.indexOf('gpt-4o') >= 0")
         assert devtools.evaluate("document.querySelectorAll('#chart rect').length") >= 1
