@@ -3975,6 +3975,7 @@ def test_status_and_metrics_show_a_failover_and_the_cooling_provider(upstream, s
     assert data["now"] + 100 < providers["default"]["until"] <= data["now"] + 121      # its Retry-After
     assert providers["default"]["last_error"].startswith("503: ") and providers["backup"]["keys"] == 2
     assert data["tiers"][0] == {"tier": "opus", "chain": ["default/gpt-5", "backup/other-model"]}
+    assert "b-key-1" not in json.dumps(data) and "b-key-2" not in json.dumps(data)
     assert prom_samples(families, "claude_proxy_failovers_total") == {(("kind", "503"), ("provider", "default")): 1}
     assert prom_samples(families, "claude_proxy_upstream_failures_total") == {(("kind", "503"), ("provider", "default")): 1}
     assert prom_samples(families, "claude_proxy_provider_cooling") == {
