@@ -862,6 +862,297 @@ def test_iter_sse_data_follows_the_spec():
 
 
 # =============================================================================================
+# Responses API (issue 14): the request, the reasoning signature, the answer, the stream
+# =============================================================================================
+
+OPENAI = cp.DIALECTS["openai"]
+STATELESS = {"store": False, "include": ["reasoning.encrypted_content"]}
+# A reasoning item as OpenAI returns it with include=["reasoning.encrypted_content"]
+RS_ITEM = {"id": "rs_01", "type": "reasoning", "encrypted_content": "gAAAAABo-é\u2028+/=",
+           "summary": [{"type": "summary_text", "text": "**Plan**\n\nList files."}]}
+RS_SIGNED = {"type": "thinking", "thinking": "**Plan**\n\nList files.", "signature": cp.reasoning_signature(RS_ITEM)}
+
+
+def rin(items, **fields):
+    """The expected Responses request: input items plus fields (model gpt-4o, 100 tokens)."""
+    base = {"model": "gpt-4o", "input": items, "store": False, "include": ["reasoning.encrypted_content"],
+            "max_output_tokens": 100}
+    base.update(fields)
+    return base
+
+
+def user_item(*texts):
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": t} for t in texts]}
+
+
+def assistant_item(text):
+    return {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+RESPONSES_TOOL = {"type": "function", "name": "Bash", "description": "Run", "parameters": TOOL["input_schema"],
+                  "strict": False}
+FUNCTION_CALL = {"type": "function_call", "call_id": "toolu_01", "name": "Bash", "arguments": '{"command": "ls"}'}
+
+RESPONSES_REQUEST_CASES = [
+    ("string user content", req(), rin([user_item("hi")])),
+    ("system -> instructions, billing header left out", req(system=[
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;"},
+        {"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "B"}]),
+     rin([user_item("hi")], instructions="A\n\nB")),
+    ("text blocks as input_text parts, empty dropped", req(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "one"}, {"type": "text", "text": ""}, {"type": "text", "text": "two"}]}]),
+     rin([user_item("one", "two")])),
+    ("images as input_image with detail", req(messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "QUJD"}},
+        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]),
+     rin([{"type": "message", "role": "user", "content": [
+         {"type": "input_image", "image_url": "data:image/jpeg;base64,QUJD", "detail": "auto"},
+         {"type": "input_image", "image_url": "https://x/y.png", "detail": "auto"}]}])),
+    ("PDF as input_file, text document as text", req(messages=[{"role": "user", "content": [
+        {"type": "document", "title": "spec", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain"}}]}]),
+     rin([{"type": "message", "role": "user", "content": [
+         {"type": "input_file", "filename": "spec.pdf", "file_data": "data:application/pdf;base64,JVBE"},
+         {"type": "input_text", "text": "plain"}]}])),
+    ("assistant text as output_text", req(messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "user", "content": "bye"}]),
+     rin([user_item("hi"), assistant_item("hello"), user_item("bye")])),
+    ("mid-conversation system message as user text at its place", req(messages=[
+        {"role": "user", "content": "hi"}, {"role": "system", "content": [{"type": "text", "text": "agents: A"}]}]),
+     rin([user_item("hi", "<system-reminder>\nagents: A\n</system-reminder>")])),
+    ("tool round trip: function_call then function_call_output, error result prefixed", req(messages=[
+        {"role": "user", "content": "list"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Running."}, CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a.txt", "is_error": True},
+                                     {"type": "text", "text": "next"}]}]),
+     rin([user_item("list"), assistant_item("Running."), FUNCTION_CALL,
+          {"type": "function_call_output", "call_id": "toolu_01", "output": "Error: a.txt"}, user_item("next")])),
+    ("a call without a result gets a synthetic output; a result without a call is user text", req(messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_zz", "content": "late"}]}]),
+     rin([user_item("go"), FUNCTION_CALL,
+          {"type": "function_call_output", "call_id": "toolu_01", "output": cp.INTERRUPTED_RESULT},
+          user_item("[Result of tool call toolu_zz]\nlate")])),
+    ("a call left last in the history is answered too", req(messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]}]),
+     rin([user_item("go"), FUNCTION_CALL,
+          {"type": "function_call_output", "call_id": "toolu_01", "output": cp.INTERRUPTED_RESULT}])),
+    ("image in a tool result travels in a user message after the outputs", req(messages=[
+        {"role": "user", "content": "shot"}, {"role": "assistant", "content": [CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": [
+            {"type": "text", "text": "png:"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}}]}]}]),
+     rin([user_item("shot"), FUNCTION_CALL,
+          {"type": "function_call_output", "call_id": "toolu_01", "output": "png:\n" + cp.IMAGE_IN_NEXT_MESSAGE},
+          {"type": "message", "role": "user", "content": [
+              {"type": "input_image", "image_url": "data:image/png;base64,AA", "detail": "auto"}]}])),
+    ("replayed reasoning goes back whole, at its place; other thinking dropped", req(messages=[
+        {"role": "user", "content": "list"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "mine", "signature": cp.thinking_signature("mine")},
+            {"type": "thinking", "thinking": "anthropic", "signature": "EqQBCkYIBxgCKkA"},
+            {"type": "redacted_thinking", "data": "xyz"}, RS_SIGNED, CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Done."}]}]),
+     rin([user_item("list"), RS_ITEM, FUNCTION_CALL, {"type": "function_call_output", "call_id": "toolu_01", "output": "a"},
+          assistant_item("Done.")])),
+    ("reasoning between two calls stays between them", req(messages=[
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [RS_SIGNED, CALL, dict(RS_SIGNED, signature=cp.reasoning_signature(
+            dict(RS_ITEM, id="rs_02"))), dict(CALL, id="toolu_02")]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_02", "content": "2"},
+                                     {"type": "tool_result", "tool_use_id": "toolu_01", "content": "1"}]}]),
+     rin([user_item("go"), RS_ITEM, FUNCTION_CALL, dict(RS_ITEM, id="rs_02"), dict(FUNCTION_CALL, call_id="toolu_02"),
+          {"type": "function_call_output", "call_id": "toolu_01", "output": "1"},
+          {"type": "function_call_output", "call_id": "toolu_02", "output": "2"}])),
+    ("tools flat and not strict; server tools and unloaded deferred tools dropped", req(tools=[
+        TOOL, {"type": "web_search_20250305", "name": "web_search"},
+        {"name": "Later", "input_schema": {"type": "object"}, "defer_loading": True}]),
+     rin([user_item("hi")], tools=[RESPONSES_TOOL])),
+    ("tool_choice any -> required, parallel use off", req(tools=[TOOL], tool_choice={"type": "any", "disable_parallel_tool_use": True}),
+     rin([user_item("hi")], tools=[RESPONSES_TOOL], tool_choice="required", parallel_tool_calls=False)),
+    ("tool_choice tool -> function by name", req(tools=[TOOL], tool_choice={"type": "tool", "name": "Bash"}),
+     rin([user_item("hi")], tools=[RESPONSES_TOOL], tool_choice={"type": "function", "name": "Bash"})),
+    ("tool_choice none and auto", req(tools=[TOOL], tool_choice={"type": "none", "disable_parallel_tool_use": True}),
+     rin([user_item("hi")], tools=[RESPONSES_TOOL], tool_choice="none")),
+    ("adaptive thinking with effort -> reasoning effort and summaries", req(
+        thinking={"type": "adaptive"}, output_config={"effort": "max"}),
+     rin([user_item("hi")], reasoning={"effort": "high", "summary": "auto"})),
+    ("thinking budget -> effort", req(thinking={"type": "enabled", "budget_tokens": 2000}),
+     rin([user_item("hi")], reasoning={"effort": "low", "summary": "auto"})),
+    ("adaptive thinking alone asks for summaries only", req(thinking={"type": "adaptive"}),
+     rin([user_item("hi")], reasoning={"summary": "auto"})),
+    ("thinking disabled: no reasoning field", req(thinking={"type": "disabled"}, output_config={"effort": "low"}),
+     rin([user_item("hi")])),
+    ("temperature, top_p and stream passed; stop sequences have no counterpart", req(
+        temperature=0.2, top_p=0.9, stream=True, stop_sequences=["END"], top_k=5, metadata={"user_id": "u"}),
+     rin([user_item("hi")], temperature=0.2, top_p=0.9, stream=True)),
+    ("structured output -> text.format json_schema", req(output_config={"format": {
+        "type": "json_schema", "schema": {"type": "object", "properties": {"title": {"type": "string"}}}}}),
+     rin([user_item("hi")], text={"format": {"type": "json_schema", "name": "output", "schema": {
+         "type": "object", "properties": {"title": {"type": "string"}}}}})),
+    ("no max_tokens, no max_output_tokens", {"model": "gpt-5-codex", "messages": [{"role": "user", "content": "hi"}]},
+     {"model": "gpt-5-codex", "input": [user_item("hi")], "store": False, "include": ["reasoning.encrypted_content"]}),
+]
+
+
+@pytest.mark.parametrize("name,anthropic_in,responses_out", RESPONSES_REQUEST_CASES, ids=[c[0] for c in RESPONSES_REQUEST_CASES])
+def test_to_responses(name, anthropic_in, responses_out):
+    frozen = json.dumps(anthropic_in, sort_keys=True)
+    assert cp.to_responses(cp.validate_request(anthropic_in), SETTINGS, OPENAI) == responses_out
+    assert json.dumps(anthropic_in, sort_keys=True) == frozen, "input mutated"
+
+
+def test_to_responses_max_tokens_limit_model_mapping_and_dialect_rules():
+    settings = cp.Settings(openai_base_url="http://127.0.0.1:9/v1", max_tokens_limit=50, small_model="gpt-5.1-codex-mini")
+    body = cp.to_responses(req(model="claude-haiku-4-5", max_tokens=64000), settings, OPENAI)
+    assert (body["model"], body["max_output_tokens"]) == ("gpt-5.1-codex-mini", 50)
+    gemini = cp.to_responses(req(tools=[dict(TOOL, input_schema={"type": "object", "additionalProperties": False,
+                                                                  "properties": {"n": {"const": "x"}}})]),
+                             SETTINGS, cp.DIALECTS["gemini"])
+    assert gemini["tools"][0]["parameters"] == {"type": "object", "properties": {"n": {"enum": ["x"]}}}
+    # Mistral ids and ids over 40 characters: the same mapping as the Chat path, on both sides.
+    long_id = "toolu_" + "x" * 60
+    history = req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [dict(CALL, id=long_id)]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": long_id, "content": "ok"}]}])
+    items = cp.to_responses(history, SETTINGS, OPENAI)["input"]
+    assert items[1]["call_id"] == items[2]["call_id"] and len(items[1]["call_id"]) <= 40
+    with pytest.raises(cp.ProxyError) as caught:     # Ollama's /v1/responses takes no files
+        cp.to_responses(req(messages=[{"role": "user", "content": [{"type": "document", "source": {
+            "type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}]), SETTINGS, cp.DIALECTS["ollama"])
+    assert caught.value.status == 400 and "PDF" in caught.value.message
+
+
+@pytest.mark.parametrize("model,dialect,setting,expected", [
+    ("gpt-4o", "openai", "chat", False), ("gpt-5-codex", "openai", "chat", False),
+    ("gpt-4o", "generic", "responses", True),
+    ("gpt-5-codex", "openai", "auto", True), ("gpt-5.1-codex-mini", "azure", "auto", True),
+    ("codex-mini-latest", "generic", "auto", True), ("o3-pro", "openai", "auto", True),
+    ("gpt-5-pro-2025-10-06", "azure", "auto", True), ("gpt-5.4-pro", "openai", "AUTO", True),
+    ("openai/o3-pro", "openrouter", "auto", False), ("gpt-5", "openai", "auto", False),
+    ("gpt-5-chat-latest", "openai", "auto", False), ("proxy-model-pro2", "openai", "auto", False),
+])
+def test_uses_responses_api(model, dialect, setting, expected):
+    assert cp.uses_responses_api(model, dialect, setting) is expected
+
+
+def test_uses_responses_api_rejects_an_unknown_setting():
+    with pytest.raises(ValueError, match="chat, responses, auto"):
+        cp.uses_responses_api("gpt-5", "openai", "completions")
+
+
+@pytest.mark.parametrize("item", [
+    RS_ITEM, {"type": "reasoning", "id": "rs_2", "summary": []},
+    {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "x" * 5000, "status": "completed"},
+    {"type": "reasoning", "id": "rs_4", "content": [{"type": "reasoning_text", "text": "\ud83d lone half"}]}])
+def test_reasoning_signature_round_trip(item):
+    signature = cp.reasoning_signature(item)
+    assert signature.startswith("ccpr1.") and re.fullmatch(r"[A-Za-z0-9._-]+", signature)
+    back = cp.reasoning_item_of(signature)
+    assert back == item and json.dumps(back, sort_keys=True) == json.dumps(item, sort_keys=True)
+
+
+@pytest.mark.parametrize("signature", [
+    None, "", "EqQBCkYIBxgCKkA", cp.thinking_signature("hi"), "ccpr1.", "ccpr1.!!!!",
+    "ccpr1." + base64.urlsafe_b64encode(b'{"type":"message"}').decode(),
+    "ccpr1." + base64.urlsafe_b64encode(b"[1,2]").decode(), "ccpr1." + base64.urlsafe_b64encode(b"\xff").decode()])
+def test_other_signatures_are_never_taken_for_a_reasoning_item(signature):
+    assert cp.reasoning_item_of(signature) is None
+
+
+def test_reasoning_signature_is_not_a_chat_path_signature():
+    assert not cp.is_proxy_signature(RS_SIGNED["signature"], RS_SIGNED["thinking"])
+
+
+def response_body(output, status="completed", usage=None, **fields):
+    body = {"id": "resp_1", "object": "response", "status": status, "model": "gpt-5-codex", "output": output,
+            "usage": usage if usage is not None else {
+                "input_tokens": 120, "input_tokens_details": {"cached_tokens": 20},
+                "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 4}, "total_tokens": 129}}
+    body.update(fields)
+    return body
+
+
+def message_item(*parts, item_id="msg_1"):
+    return {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [
+        {"type": "output_text", "text": p, "annotations": []} if isinstance(p, str) else p for p in parts]}
+
+
+def call_item(call_id="call_1", name="Bash", arguments='{"command":"ls"}', item_id="fc_1"):
+    return {"id": item_id, "type": "function_call", "status": "completed", "call_id": call_id, "name": name,
+            "arguments": arguments}
+
+
+USAGE_OUT = {"input_tokens": 100, "output_tokens": 9, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 20}
+
+RESPONSES_ANSWER_CASES = [
+    ("text", response_body([message_item("Hello", " there")]),
+     message_out([{"type": "text", "text": "Hello there"}], usage=USAGE_OUT)),
+    ("reasoning then a call: thinking carries the item, tool_use id is the call_id",
+     response_body([RS_ITEM, call_item()]),
+     message_out([RS_SIGNED, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}],
+                 "tool_use", usage=USAGE_OUT)),
+    ("reasoning without summary still makes a block to replay",
+     response_body([{"type": "reasoning", "id": "rs_9", "summary": [], "encrypted_content": "gAAA"}, message_item("ok")]),
+     message_out([{"type": "thinking", "thinking": "", "signature": cp.reasoning_signature(
+         {"type": "reasoning", "id": "rs_9", "summary": [], "encrypted_content": "gAAA"})},
+                  {"type": "text", "text": "ok"}], usage=USAGE_OUT)),
+    ("reasoning that cannot be replayed is a plain thinking block",
+     response_body([{"type": "reasoning", "id": "rs_9", "summary": [{"type": "summary_text", "text": "a"},
+                                                                   {"type": "summary_text", "text": "b"}]}]),
+     message_out([{"type": "thinking", "thinking": "a\n\nb", "signature": cp.thinking_signature("a\n\nb")}],
+                 usage=USAGE_OUT)),
+    ("parallel calls; a call id already in the conversation is replaced",
+     response_body([call_item("call_old"), call_item("call_2", "Read", '{"path":"a"}', "fc_2")]),
+     message_out([{"type": "tool_use", "id": "toolu_gen1", "name": "Bash", "input": {"command": "ls"}},
+                  {"type": "tool_use", "id": "call_2", "name": "Read", "input": {"path": "a"}}], "tool_use",
+                 usage=USAGE_OUT)),
+    ("refusal", response_body([message_item({"type": "refusal", "refusal": "I can't help with that."})]),
+     message_out([{"type": "text", "text": "I can't help with that."}], "refusal", usage=USAGE_OUT)),
+    ("incomplete at max_output_tokens", response_body([message_item("partial")], "incomplete",
+                                                       incomplete_details={"reason": "max_output_tokens"}),
+     message_out([{"type": "text", "text": "partial"}], "max_tokens", usage=USAGE_OUT)),
+    ("incomplete by the content filter", response_body([], "incomplete", incomplete_details={"reason": "content_filter"}),
+     message_out([], "refusal", usage=USAGE_OUT)),
+    ("no usage: the estimate", response_body([message_item("x")], usage={}),
+     message_out([{"type": "text", "text": "x"}], usage={"input_tokens": 0, "output_tokens": 0,
+                                                        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})),
+    ("server tool items and whitespace text make no block", response_body([
+        {"type": "web_search_call", "id": "ws_1", "status": "completed"}, message_item(" \n")]),
+     message_out([], usage=USAGE_OUT)),
+]
+
+
+@pytest.mark.parametrize("name,response,anthropic_out", RESPONSES_ANSWER_CASES, ids=[c[0] for c in RESPONSES_ANSWER_CASES])
+def test_responses_to_anthropic(name, response, anthropic_out):
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1", history_tool_ids=frozenset({"call_old"}))
+    frozen = json.dumps(response, sort_keys=True)
+    assert cp.responses_to_anthropic(response, ctx, ids()) == dict(anthropic_out, model="claude-opus-4-8")
+    assert json.dumps(response, sort_keys=True) == frozen
+
+
+@pytest.mark.parametrize("response,status,error_type,text", [
+    (response_body([], "failed", error={"code": "rate_limit_exceeded", "message": "Slow down"}), 429, "rate_limit_error", "Slow down"),
+    (response_body([], "failed", error={"code": "server_error", "message": "The model failed"}), 500, "api_error", "The model failed"),
+    (response_body([], "failed", error={"code": "context_length_exceeded",
+                                        "message": "Your input exceeds the context window of this model."}),
+     400, "invalid_request_error", "context window"),
+    (response_body([], "failed", error={"code": "invalid_image_url", "message": "bad"}), 400, "invalid_request_error", "bad"),
+    (response_body([], "failed", error={"code": "server_is_overloaded", "message": "busy"}), 529, "overloaded_error", "busy"),
+    (response_body([], "failed", error=None), 502, "api_error", "upstream response failed"),
+    ({"error": {"message": "boom", "type": "server_error", "code": None}}, 502, "api_error", "boom"),
+    (response_body([], "cancelled"), 502, "api_error", "cancelled"),
+    ({"id": "resp_1", "status": "completed"}, 502, "api_error", "no output"),
+])
+def test_responses_to_anthropic_errors(response, status, error_type, text):
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1")
+    with pytest.raises(cp.ProxyError) as caught:
+        cp.responses_to_anthropic(response, ctx, ids())
+    assert (caught.value.status, caught.value.error_type) == (status, error_type) and text in caught.value.message
+
+
+# =============================================================================================
 # Providers: each documented bend of the format, named after the provider that sends it
 # =============================================================================================
 
