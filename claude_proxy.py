@@ -2334,9 +2334,9 @@ class ResponsesStreamTranslator:
             "usage": usage}}, {"type": "ping"}]
 
     def feed(self, event: Dict[str, Any]) -> List[Dict[str, Any]]:
+        self.chunks_seen += 1
         if self.ended:
             return []
-        self.chunks_seen += 1
         handler = self.HANDLERS.get(event.get("type")) if isinstance(event, dict) else None
         events: List[Dict[str, Any]] = []
         if handler is not None:
@@ -2483,7 +2483,12 @@ class ResponsesStreamTranslator:
             self._begin(out, events)
             pending, out.pending = out.pending, []
             for kind, text, summary_index in pending:
-                self._emit(out, kind, text, summary_index, events)
+                if kind == "arguments" and out.kind == "function_call":
+                    out.fragments.append(text)  # held arguments go out as one delta
+                else:
+                    self._emit(out, kind, text, summary_index, events)
+            if out.block is not None and out.kind == "function_call":
+                self._send_arguments(out, events)
             if out.done:
                 self._finish_item(out, events)
 

@@ -1152,6 +1152,270 @@ def test_responses_to_anthropic_errors(response, status, error_type, text):
     assert (caught.value.status, caught.value.error_type) == (status, error_type) and text in caught.value.message
 
 
+# --- the stream, one upstream event at a time ---------------------------------------------------
+
+class ResponsesEvents:
+    """Builds Responses stream events in OpenAI's recorded shapes, numbered in order."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, kind, **fields):
+        event = {"type": kind, "sequence_number": self.n}
+        self.n += 1
+        event.update(fields)
+        return event
+
+    def created(self):
+        return self("response.created", response={"id": "resp_1", "object": "response", "status": "in_progress",
+                                                   "output": [], "usage": None})
+
+    def text_item(self, index, pieces, item_id="msg_1"):
+        item = message_item("".join(pieces), item_id=item_id)
+        return ([self("response.output_item.added", output_index=index,
+                      item={"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}),
+                 self("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
+                      part={"type": "output_text", "text": "", "annotations": []})]
+                + [self("response.output_text.delta", item_id=item_id, output_index=index, content_index=0, delta=p,
+                        logprobs=[]) for p in pieces]
+                + [self("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
+                        text="".join(pieces)),
+                   self("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
+                        part=item["content"][0]),
+                   self("response.output_item.done", output_index=index, item=item)])
+
+    def reasoning_item(self, index, parts, item=RS_ITEM):
+        events = [self("response.output_item.added", output_index=index,
+                       item={"id": item["id"], "type": "reasoning", "summary": []})]   # no encrypted_content yet
+        for summary_index, pieces in enumerate(parts):
+            events.append(self("response.reasoning_summary_part.added", item_id=item["id"], output_index=index,
+                               summary_index=summary_index, part={"type": "summary_text", "text": ""}))
+            events += [self("response.reasoning_summary_text.delta", item_id=item["id"], output_index=index,
+                            summary_index=summary_index, delta=p) for p in pieces]
+            events.append(self("response.reasoning_summary_text.done", item_id=item["id"], output_index=index,
+                               summary_index=summary_index, text="".join(pieces)))
+        return events + [self("response.output_item.done", output_index=index, item=item)]
+
+    def call_added(self, index, call_id="call_1", name="Bash", item_id="fc_1"):
+        return self("response.output_item.added", output_index=index, item={
+            "id": item_id, "type": "function_call", "status": "in_progress", "call_id": call_id, "name": name,
+            "arguments": ""})
+
+    def args(self, index, delta, item_id="fc_1"):
+        return self("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=delta)
+
+    def call_done(self, index, call_id="call_1", name="Bash", arguments='{"command":"ls"}', item_id="fc_1"):
+        return [self("response.function_call_arguments.done", item_id=item_id, output_index=index, arguments=arguments),
+                self("response.output_item.done", output_index=index, item=call_item(call_id, name, arguments, item_id))]
+
+    def call_item(self, index, pieces, call_id="call_1", name="Bash", item_id="fc_1"):
+        return ([self.call_added(index, call_id, name, item_id)] + [self.args(index, p, item_id) for p in pieces]
+                + self.call_done(index, call_id, name, "".join(pieces), item_id))
+
+    def completed(self, output, usage=None):
+        return self("response.completed", response=response_body(output, usage=usage))
+
+    def incomplete(self, output, reason="max_output_tokens"):
+        return self("response.incomplete", response=response_body(output, "incomplete", incomplete_details={"reason": reason}))
+
+
+def run_responses(events_in, input_tokens=7, history_tool_ids=()):
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1", input_tokens=input_tokens,
+                             history_tool_ids=frozenset(history_tool_ids))
+    translator = cp.ResponsesStreamTranslator(ctx, ids())
+    events = translator.start()
+    for event in events_in:
+        events += translator.feed(json.loads(json.dumps(event)))     # a fresh dict, as parsed from the wire
+    events += translator.finish()
+    assert translator.chunks_seen == len(events_in)
+    return check_stream([(e["type"], e) for e in events]), translator
+
+
+def test_responses_stream_text_exact_events():
+    up = ResponsesEvents()
+    events, translator = run_responses([up.created(), up("response.in_progress", response={})]
+                                       + up.text_item(0, ["Hel", "lo"]) + [up.completed([message_item("Hello")])])
+    assert non_meta(events) == [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": USAGE_OUT},
+        {"type": "message_stop"}]
+    assert translator.ended and translator.result == cp.StreamEnd("end_turn", None, USAGE_OUT)
+    assert translator.feed({"type": "response.output_text.delta", "output_index": 0, "delta": "x"}) == []
+    assert translator.finish() == []
+
+
+def test_responses_stream_reasoning_then_a_call_signature_carries_the_item_from_its_done_event():
+    up = ResponsesEvents()
+    events, translator = run_responses(
+        [up.created()] + up.reasoning_item(0, [["**Plan**", "\n\nList files."]])
+        + up.call_item(1, ['{"comm', 'and":"ls"}']) + [up.completed([RS_ITEM, call_item()])])
+    assert [(e["type"], e.get("delta")) for e in non_meta(events)] == [
+        ("content_block_start", None),
+        ("content_block_delta", {"type": "thinking_delta", "thinking": "**Plan**"}),
+        ("content_block_delta", {"type": "thinking_delta", "thinking": "\n\nList files."}),
+        ("content_block_delta", {"type": "signature_delta", "signature": cp.reasoning_signature(RS_ITEM)}),
+        ("content_block_stop", None),
+        ("content_block_start", None),
+        ("content_block_delta", {"type": "input_json_delta", "partial_json": '{"comm'}),
+        ("content_block_delta", {"type": "input_json_delta", "partial_json": 'and":"ls"}'}),
+        ("content_block_stop", None),
+        ("message_delta", {"stop_reason": "tool_use", "stop_sequence": None}), ("message_stop", None)]
+    message = cp.assemble_message(events)
+    assert message["content"] == [RS_SIGNED, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}]
+    assert (message["stop_reason"], message["usage"]["cache_read_input_tokens"]) == ("tool_use", 20)
+    assert translator.result.stop_reason == "tool_use"
+
+
+def test_responses_stream_reasoning_replayed_byte_for_byte_in_the_next_request():
+    up = ResponsesEvents()
+    item = {"id": "rs_7", "type": "reasoning", "summary": [], "encrypted_content": "gAAAAABp\u00e9==", "status": "completed"}
+    events, _ = run_responses([up.created()] + up.reasoning_item(0, [], item) + up.call_item(1, ['{"command":"ls"}'])
+                              + [up.completed([item, call_item()])])
+    message = cp.assemble_message(events)
+    # no summary text: still a thinking block, empty, with the item in its signature
+    assert message["content"][0] == {"type": "thinking", "thinking": "", "signature": cp.reasoning_signature(item)}
+    follow_up = req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": message["content"]},
+                              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "a"}]}])
+    body = cp.to_responses(json.loads(json.dumps(follow_up)), SETTINGS, OPENAI)
+    assert json.dumps(body["input"][1], ensure_ascii=False) == json.dumps(item, ensure_ascii=False)
+    assert [i["type"] for i in body["input"]] == ["message", "reasoning", "function_call", "function_call_output"]
+
+
+def test_responses_stream_parallel_calls_one_after_the_other():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created()] + up.call_item(0, ['{"command":"ls"}'])
+                              + up.call_item(1, ['{"path":', '"a"}'], "call_2", "Read", "fc_2")
+                              + [up.completed([call_item(), call_item("call_2", "Read", '{"path":"a"}', "fc_2")])])
+    assert [(b["id"], b["name"], b["input"]) for b in cp.assemble_message(events)["content"]] == [
+        ("call_1", "Bash", {"command": "ls"}), ("call_2", "Read", {"path": "a"})]
+
+
+def test_responses_stream_parallel_calls_interleaved_wait_for_the_open_one():
+    up = ResponsesEvents()
+    events, _ = run_responses([
+        up.created(), up.call_added(0), up.call_added(1, "call_2", "Read", "fc_2"),
+        up.args(1, '{"path":', "fc_2"), up.args(0, '{"command":'), up.args(1, '"a"}', "fc_2"), up.args(0, '"ls"}')]
+        + up.call_done(1, "call_2", "Read", '{"path":"a"}', "fc_2") + up.call_done(0)
+        + [up.completed([call_item(), call_item("call_2", "Read", '{"path":"a"}', "fc_2")])])
+    assert [(b["id"], b["input"]) for b in cp.assemble_message(events)["content"]] == [
+        ("call_1", {"command": "ls"}), ("call_2", {"path": "a"})]
+    # the first call streams live; the second goes out once the first is done
+    assert [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"] == [
+        '{"command":', '"ls"}', '{"path":"a"}']
+
+
+def test_responses_stream_call_id_from_history_is_replaced_and_arguments_only_in_done():
+    # LM Studio (Qwen3): the arguments arrive only in function_call_arguments.done.
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created(), up.call_added(0, "call_old")] + up.call_done(0, "call_old")
+                              + [up.completed([call_item("call_old")])], history_tool_ids=["call_old"])
+    assert cp.assemble_message(events)["content"] == [
+        {"type": "tool_use", "id": "toolu_gen1", "name": "Bash", "input": {"command": "ls"}}]
+
+
+def test_responses_stream_call_without_arguments_gets_an_empty_object():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created(), up.call_added(0, name="TaskList")]
+                              + up.call_done(0, name="TaskList", arguments="") + [up.completed([])])
+    assert [e["delta"] for e in events if e["type"] == "content_block_delta"] == [
+        {"type": "input_json_delta", "partial_json": "{}"}]
+
+
+def test_responses_stream_arguments_that_are_not_an_object_end_in_an_error():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created()] + up.call_item(0, ['{"command": "l']) + [up.completed([])])
+    assert events[-1]["type"] == "error" and "not a complete JSON object" in events[-1]["error"]["message"]
+
+
+def test_responses_stream_summary_parts_refusal_and_whitespace():
+    up = ResponsesEvents()
+    refusal_item = {"id": "msg_2", "type": "message", "role": "assistant", "content": []}
+    events, _ = run_responses(
+        [up.created()] + up.reasoning_item(0, [["one"], ["two"]]) + up.text_item(1, ["  ", "\n"], "msg_1")
+        + [up("response.output_item.added", output_index=2, item=refusal_item),
+           up("response.refusal.delta", item_id="msg_2", output_index=2, content_index=0, delta="I can't"),
+           up("response.refusal.done", item_id="msg_2", output_index=2, content_index=0, refusal="I can't"),
+           up("response.output_item.done", output_index=2, item=refusal_item), up.completed([])])
+    message = cp.assemble_message(events)
+    assert message["content"] == [{"type": "thinking", "thinking": "one\n\ntwo", "signature": RS_SIGNED["signature"]},
+                                  {"type": "text", "text": "I can't"}]
+    assert message["stop_reason"] == "refusal"
+
+
+def test_responses_stream_vllm_raw_reasoning_text_and_deltas_without_items():
+    # vLLM (gpt-oss): reasoning as response.reasoning_text.delta, items with content, no summary;
+    # the summary of the same reasoning, if also sent, is not shown twice.
+    up = ResponsesEvents()
+    item = {"id": "rs_v", "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "think"}]}
+    events, _ = run_responses([
+        up.created(), up("response.output_item.added", output_index=0, item={"id": "rs_v", "type": "reasoning", "summary": []}),
+        up("response.reasoning_text.delta", item_id="rs_v", output_index=0, content_index=0, delta="think"),
+        up("response.reasoning_summary_text.delta", item_id="rs_v", output_index=0, summary_index=0, delta="again"),
+        up("response.output_item.done", output_index=0, item=item),
+        up("response.output_text.delta", item_id="msg_x", output_index=1, content_index=0, delta="hi"),
+        up.completed([item, message_item("hi")])])
+    assert cp.assemble_message(events)["content"] == [
+        {"type": "thinking", "thinking": "think", "signature": cp.reasoning_signature(item)}, {"type": "text", "text": "hi"}]
+
+
+def test_responses_stream_items_only_in_the_completed_response():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created(), up.completed([RS_ITEM, message_item("whole"), call_item()])])
+    assert cp.assemble_message(events)["content"] == [
+        RS_SIGNED, {"type": "text", "text": "whole"},
+        {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}]
+
+
+def test_responses_stream_incomplete_at_max_output_tokens():
+    up = ResponsesEvents()
+    events, translator = run_responses([up.created()] + up.text_item(0, ["cut sh"])[:3] + [up.incomplete([message_item("cut sh")])])
+    assert events[-2]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "cut sh"}]
+    assert translator.result.stop_reason == "max_tokens"
+
+
+@pytest.mark.parametrize("event,error_type,text", [
+    ({"type": "response.failed", "response": response_body([], "failed", error={
+        "code": "rate_limit_exceeded", "message": "Rate limit reached for gpt-5-codex"})}, "rate_limit_error", "Rate limit"),
+    ({"type": "response.failed", "response": response_body([], "failed", error={
+        "code": "server_error", "message": "The model failed to generate a response."})}, "api_error", "model failed"),
+    ({"type": "response.failed", "response": response_body([], "failed", error={
+        "code": "context_length_exceeded", "message": "Your input exceeds the context window of this model."})},
+     "invalid_request_error", "context window"),
+    ({"type": "error", "code": "invalid_encrypted_content", "param": None,
+      "message": "The encrypted content for item rs_1 could not be verified."}, "invalid_request_error", "could not be verified"),
+    ({"type": "error", "code": "server_is_overloaded", "message": "overloaded", "param": None}, "overloaded_error", "overloaded"),
+    ({"type": "error", "error": {"type": "server_error", "code": None, "message": "nested"}}, "api_error", "nested"),
+])
+def test_responses_stream_failures_become_error_events(event, error_type, text):
+    up = ResponsesEvents()
+    events, translator = run_responses([up.created()] + up.text_item(0, ["par"])[:3] + [event])
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == error_type
+    assert text in events[-1]["error"]["message"] and events[-1]["error"]["message"].startswith("upstream: ")
+    assert translator.result.error == events[-1]["error"] and translator.result.stop_reason is None
+
+
+def test_responses_stream_cut_before_the_end_is_an_error():
+    up = ResponsesEvents()
+    events, translator = run_responses([up.created()] + up.reasoning_item(0, [["hm"]])[:3])
+    assert events[-1] == {"type": "error", "error": {
+        "type": "api_error", "message": "the upstream closed the stream after 4 events, before the answer ended"}}
+    assert translator.finish(done=False) == [] and translator.result.error["type"] == "api_error"
+
+
+def test_responses_stream_and_whole_answer_agree():
+    up = ResponsesEvents()
+    output = [RS_ITEM, message_item("Let me look."), call_item(), call_item("call_2", "Read", '{"path":"a"}', "fc_2")]
+    events, _ = run_responses([up.created()] + up.reasoning_item(0, [["**Plan**\n\nList files."]])
+                              + up.text_item(1, ["Let me ", "look."]) + up.call_item(2, ['{"command":"ls"}'])
+                              + up.call_item(3, ['{"path":"a"}'], "call_2", "Read", "fc_2") + [up.completed(output)])
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1", input_tokens=7)
+    assert cp.assemble_message(events) == cp.responses_to_anthropic(response_body(output), ctx, ids())
+
+
 # =============================================================================================
 # Providers: each documented bend of the format, named after the provider that sends it
 # =============================================================================================
