@@ -1926,7 +1926,8 @@ def reasoning_item_of(signature: Any) -> Optional[Dict[str, Any]]:
         return None
     encoded = signature[len(RESPONSES_SIGNATURE_PREFIX):]
     try:
-        item = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8", "surrogatepass"))
+        decoded = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        item = json.loads(decoded.decode("utf-8", "surrogatepass"))
     except (ValueError, UnicodeDecodeError):     # (binascii.Error is a ValueError)
         return None
     return item if isinstance(item, dict) and item.get("type") == "reasoning" else None
@@ -2183,8 +2184,9 @@ def responses_usage(usage: Any) -> Any:
     if not isinstance(usage, dict):
         return None
     details = usage.get("input_tokens_details")
+    cached = {"cached_tokens": details.get("cached_tokens")} if isinstance(details, dict) else None
     return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
-            "prompt_tokens_details": {"cached_tokens": details.get("cached_tokens")} if isinstance(details, dict) else None}
+            "prompt_tokens_details": cached}
 
 
 def _message_text(item: Dict[str, Any]) -> Tuple[str, bool]:

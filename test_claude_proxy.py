@@ -1416,6 +1416,258 @@ def test_responses_stream_and_whole_answer_agree():
     assert cp.assemble_message(events) == cp.responses_to_anthropic(response_body(output), ctx, ids())
 
 
+# --- a scripted fake /v1/responses upstream that validates requests as OpenAI does -------------
+
+RESPONSES_PARAMETERS = frozenset((
+    "model", "input", "instructions", "store", "include", "max_output_tokens", "temperature", "top_p",
+    "stream", "stream_options", "reasoning", "text", "tools", "tool_choice", "parallel_tool_calls",
+    "metadata", "previous_response_id", "truncation", "user", "service_tier", "prompt_cache_key",
+    "background", "max_tool_calls", "safety_identifier", "top_logprobs", "conversation", "prompt"))
+RESPONSES_PART_TYPES = {"user": ("input_text", "input_image", "input_file"), "system": ("input_text",),
+                        "developer": ("input_text",), "assistant": ("output_text", "refusal")}
+
+
+class ResponsesRejection(Exception):
+    def __init__(self, status, message, param=None, code=None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": "invalid_request_error",
+                                                    "param": param, "code": code}}
+
+
+class FakeResponsesUpstream:
+    """A scripted OpenAI Responses server on 127.0.0.1:0. Each valid POST .../responses pops
+    the next responder from `script` (a callable(handler, body)); every request is recorded.
+    Requests are checked the way OpenAI checks them (see `check`): an invalid one gets
+    OpenAI's error status and body, and no responder runs. Reasoning items it hands out
+    (`reasoning()`) carry encrypted_content it can verify when they are replayed."""
+
+    def __init__(self):
+        self.requests = []
+        self.script = []
+        self.issued = set()
+        self.lock = threading.Lock()
+        upstream = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                with upstream.lock:
+                    body = json.loads(raw)
+                    upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    try:
+                        if not self.path.split("?")[0].endswith("/responses"):
+                            raise ResponsesRejection(404, "Invalid URL (POST %s)" % self.path)
+                        upstream.check(body)
+                        responder = upstream.script.pop(0) if upstream.script else responses_json(
+                            response_body([message_item("ok")]))
+                    except ResponsesRejection as rejection:
+                        responder = responses_json(rejection.body, rejection.status)
+                responder(self, body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+        self.url = "http://127.0.0.1:%d/v1" % self.server.server_address[1]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def reasoning(self, summary, item_id=None):
+        """A reasoning item as OpenAI returns it with include=["reasoning.encrypted_content"]."""
+        with self.lock:
+            encrypted = "gAAAAAB" + base64.b64encode(os.urandom(24)).decode("ascii")
+            self.issued.add(encrypted)
+            item_id = item_id or "rs_%d" % len(self.issued)
+        return {"id": item_id, "type": "reasoning", "encrypted_content": encrypted,
+                "summary": [{"type": "summary_text", "text": summary}] if summary else []}
+
+    def check(self, body):
+        """Raise ResponsesRejection where OpenAI answers an error (messages as OpenAI words them)."""
+        for name in body:
+            if name not in RESPONSES_PARAMETERS:
+                raise ResponsesRejection(400, "Unknown parameter: '%s'." % name, name, "unknown_parameter")
+        for name in ("model", "input"):
+            if name not in body:
+                raise ResponsesRejection(400, "Missing required parameter: '%s'." % name, name, "missing_required_parameter")
+        for position, tool in enumerate(body.get("tools") or ()):
+            if tool.get("type") == "function" and not isinstance(tool.get("name"), str):
+                raise ResponsesRejection(400, "Missing required parameter: 'tools[%d].name'." % position,
+                                         "tools[%d].name" % position, "missing_required_parameter")
+        items = [{"type": "message", "role": "user", "content": body["input"]}] if isinstance(body["input"], str) \
+            else body["input"]
+        calls, outputs = [], set()
+        for position, item in enumerate(items):
+            kind = item.get("type", "message")
+            where = "input[%d]" % position
+            if kind == "message":
+                allowed = RESPONSES_PART_TYPES.get(item.get("role"))
+                if allowed is None:
+                    raise ResponsesRejection(400, "Invalid value: '%s'." % item.get("role"), where + ".role")
+                for index, part in enumerate(item["content"] if isinstance(item["content"], list) else ()):
+                    if part.get("type") not in allowed:
+                        raise ResponsesRejection(400, "Invalid value: '%s'." % part.get("type"),
+                                                 "%s.content[%d].type" % (where, index), "invalid_value")
+                    if part["type"] == "output_text" and "annotations" not in part:   # Azure's strictness
+                        raise ResponsesRejection(400, "Required property 'annotations' is missing",
+                                                 "%s.content[%d].annotations" % (where, index))
+            elif kind == "function_call":
+                if not isinstance(item.get("arguments"), str):
+                    raise ResponsesRejection(400, "Invalid type for '%s.arguments': expected a string." % where,
+                                             where + ".arguments", "invalid_type")
+                calls.append(item["call_id"])
+            elif kind == "function_call_output":
+                if item.get("call_id") not in calls:
+                    raise ResponsesRejection(400, "No tool call found for function call output with call_id %s."
+                                             % item.get("call_id"), "input")
+                outputs.add(item["call_id"])
+            elif kind == "reasoning":
+                if not item.get("encrypted_content"):
+                    # This fake stores nothing, so an item sent by id only is never found.
+                    message = "Item with id '%s' not found." % item.get("id")
+                    if body.get("store") is False:
+                        message += (" Items are not persisted when `store` is set to false. Try again with "
+                                    "`store` set to true, or remove this item from your input.")
+                    raise ResponsesRejection(404, message, "input")
+                if item["encrypted_content"] not in self.issued:
+                    raise ResponsesRejection(400, "The encrypted content for item %s could not be verified. Reason: "
+                                             "Encrypted content could not be decrypted or parsed." % item.get("id"),
+                                             None, "invalid_encrypted_content")
+            else:
+                raise ResponsesRejection(400, "Invalid value: '%s'." % kind, where + ".type", "invalid_value")
+        for call_id in calls:
+            if call_id not in outputs:
+                raise ResponsesRejection(400, "No tool output found for function call %s." % call_id, "input")
+
+
+def responses_json(payload, status=200):
+    def respond(handler, body):
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+    return respond
+
+
+def responses_sse(events, cut_after=None):
+    """A Responses stream as OpenAI sends it: `event:` and `data:` lines, no [DONE]; the
+    connection closes after `cut_after` events when given."""
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for event in events[:cut_after]:
+            handler.wfile.write(b"event: %s\ndata: %s\n\n" % (event["type"].encode(), json.dumps(event).encode()))
+        handler.close_connection = True
+    return respond
+
+
+def responses_events(output, status="completed", usage=None):
+    """The whole event sequence that streams `output` (reasoning, message, function_call items)."""
+    up = ResponsesEvents()
+    events = [up.created(), up("response.in_progress", response={"id": "resp_1", "status": "in_progress"})]
+    for index, item in enumerate(output):
+        if item["type"] == "reasoning":
+            events += up.reasoning_item(index, [[part["text"]] for part in item["summary"]], item)
+        elif item["type"] == "message":
+            events += up.text_item(index, [item["content"][0]["text"]], item["id"])
+        else:
+            events += up.call_item(index, [item["arguments"]], item["call_id"], item["name"], item["id"])
+    if status == "completed":
+        return events + [up("response.completed", response=response_body(output, usage=usage))]
+    return events + [up("response." + status, response=response_body(output, status, usage=usage,
+                                                                        incomplete_details={"reason": "max_output_tokens"}))]
+
+
+@pytest.fixture
+def responses_upstream():
+    fake = FakeResponsesUpstream()
+    yield fake
+    fake.close()
+
+
+def post_responses(fake, body):
+    """(status, parsed JSON or the list of parsed SSE data) of a POST /v1/responses to `fake`."""
+    conn = http.client.HTTPConnection(*fake.server.server_address, timeout=10)
+    try:
+        conn.request("POST", "/v1/responses", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.getheader("Content-Type") == "text/event-stream":
+            return response.status, [json.loads(d) for d in cp.iter_sse_data(iter(response.readline, b""))]
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_fake_responses_upstream_takes_a_tool_round_trip_from_to_responses(responses_upstream):
+    fake = responses_upstream
+    reasoning = fake.reasoning("**Looking**\n\nI should list the files.")
+    fake.script.append(responses_sse(responses_events([reasoning, call_item()])))
+    first = req(stream=True, tools=[TOOL], thinking={"type": "adaptive"}, output_config={"effort": "medium"},
+                system="You are Claude Code.", messages=[{"role": "user", "content": "list files"}])
+    status, upstream_events = post_responses(fake, cp.to_responses(first, SETTINGS, OPENAI))
+    assert status == 200 and upstream_events[-1]["type"] == "response.completed"
+    events, _ = run_responses(upstream_events)
+    answer = cp.assemble_message(events)
+    assert [b["type"] for b in answer["content"]] == ["thinking", "tool_use"] and answer["stop_reason"] == "tool_use"
+
+    # The next turn carries the reasoning back: the fake verifies its encrypted content and the pairing.
+    fake.script.append(responses_json(response_body([message_item("a.txt b.txt")])))
+    second = dict(first, stream=False, messages=first["messages"] + [
+        {"role": "assistant", "content": answer["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt\nb.txt"}]}])
+    status, payload = post_responses(fake, cp.to_responses(second, SETTINGS, OPENAI))
+    assert status == 200, payload
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_2")
+    assert cp.responses_to_anthropic(payload, ctx, ids())["content"] == [{"type": "text", "text": "a.txt b.txt"}]
+    sent = fake.requests[-1]["body"]
+    assert sent["input"][1] == reasoning and sent["store"] is False and sent["instructions"] == "You are Claude Code."
+
+
+def test_fake_responses_upstream_rejects_what_openai_rejects(responses_upstream):
+    fake = responses_upstream
+    reasoning = fake.reasoning("")
+    history = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go"}]}, reasoning,
+               {"type": "function_call", "call_id": "call_1", "name": "Bash", "arguments": "{}"}]
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "ok"}
+    base = cp.to_responses(req(), SETTINGS, OPENAI)
+    cases = [
+        (dict(base, input=history), 400, "No tool output found for function call call_1."),
+        (dict(base, input=history[:1] + [dict(output, call_id="call_9")]), 400,
+         "No tool call found for function call output with call_id call_9."),
+        (dict(base, input=[history[0], {"id": reasoning["id"], "type": "reasoning", "summary": []}] + history[2:] + [output]),
+         404, "Item with id '%s' not found. Items are not persisted when `store` is set to false." % reasoning["id"]),
+        (dict(base, input=[history[0], dict(reasoning, encrypted_content="gAAAAABforged")] + history[2:] + [output]),
+         400, "The encrypted content for item %s could not be verified." % reasoning["id"]),
+        (cp.to_openai(req(), SETTINGS), 400, "Unknown parameter: 'messages'."),
+        (dict(base, tools=[FN]), 400, "Missing required parameter: 'tools[0].name'."),
+        (dict(base, input=[{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}]),
+         400, "Required property 'annotations' is missing"),
+    ]
+    for body, status, message in cases:
+        got_status, payload = post_responses(fake, body)
+        assert (got_status, payload["error"]["message"][:len(message)]) == (status, message)
+    assert post_responses(fake, dict(base, input=history + [output]))[0] == 200
+
+
+def test_fake_responses_upstream_cut_stream_reaches_the_translator_as_a_cut(responses_upstream):
+    fake = responses_upstream
+    fake.script.append(responses_sse(responses_events([message_item("Hello there")]), cut_after=5))
+    status, upstream_events = post_responses(fake, cp.to_responses(req(stream=True), SETTINGS, OPENAI))
+    events, _ = run_responses(upstream_events)
+    assert status == 200 and events[-1]["error"]["message"] == \
+        "the upstream closed the stream after 5 events, before the answer ended"
+
+
 # =============================================================================================
 # Providers: each documented bend of the format, named after the provider that sends it
 # =============================================================================================
