@@ -2038,6 +2038,10 @@ def _assistant_items(content: Any, where: str, dialect: Dialect) -> Tuple[List[D
         else:
             texts.extend(p["text"] for p in _user_block_parts(block, where) if p["type"] == "text")
     flush_text()
+    while items and items[-1]["type"] == "reasoning":
+        # OpenAI: 400 "Item rs_... of type reasoning was provided without its required following
+        # item" (an answer cut after its reasoning, or whose other blocks were dropped).
+        items.pop()
     return items, calls
 
 

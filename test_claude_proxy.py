@@ -934,6 +934,12 @@ RESPONSES_REQUEST_CASES = [
      rin([user_item("go"), FUNCTION_CALL,
           {"type": "function_call_output", "call_id": "toolu_01", "output": cp.INTERRUPTED_RESULT},
           user_item("[Result of tool call toolu_zz]\nlate")])),
+    ("a second result for one call is user text", req(messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "1"},
+                                     {"type": "tool_result", "tool_use_id": "toolu_01", "content": "2"}]}]),
+     rin([user_item("go"), FUNCTION_CALL, {"type": "function_call_output", "call_id": "toolu_01", "output": "1"},
+          user_item("[Result of tool call toolu_01]\n2")])),
     ("a call left last in the history is answered too", req(messages=[
         {"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]}]),
      rin([user_item("go"), FUNCTION_CALL,
@@ -966,6 +972,10 @@ RESPONSES_REQUEST_CASES = [
      rin([user_item("go"), RS_ITEM, FUNCTION_CALL, dict(RS_ITEM, id="rs_02"), dict(FUNCTION_CALL, call_id="toolu_02"),
           {"type": "function_call_output", "call_id": "toolu_01", "output": "1"},
           {"type": "function_call_output", "call_id": "toolu_02", "output": "2"}])),
+    ("reasoning with no item after it in its turn is left out", req(messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": [RS_SIGNED, {"type": "text", "text": ""}]},
+        {"role": "user", "content": "again"}]),
+     rin([user_item("go", "again")])),
     ("tools flat and not strict; server tools and unloaded deferred tools dropped", req(tools=[
         TOOL, {"type": "web_search_20250305", "name": "web_search"},
         {"name": "Later", "input_schema": {"type": "object"}, "defer_loading": True}]),
@@ -1310,10 +1320,32 @@ def test_responses_stream_parallel_calls_interleaved_wait_for_the_open_one():
 def test_responses_stream_call_id_from_history_is_replaced_and_arguments_only_in_done():
     # LM Studio (Qwen3): the arguments arrive only in function_call_arguments.done.
     up = ResponsesEvents()
-    events, _ = run_responses([up.created(), up.call_added(0, "call_old")] + up.call_done(0, "call_old")
-                              + [up.completed([call_item("call_old")])], history_tool_ids=["call_old"])
+    arguments_done, item_done = up.call_done(0, "call_old")
+    del item_done["item"]["arguments"]
+    events, _ = run_responses([up.created(), up.call_added(0, "call_old"), arguments_done, item_done,
+                               up.completed([])], history_tool_ids=["call_old"])
     assert cp.assemble_message(events)["content"] == [
         {"type": "tool_use", "id": "toolu_gen1", "name": "Bash", "input": {"command": "ls"}}]
+
+
+def test_responses_stream_the_same_call_id_twice_in_one_answer_gets_a_new_id():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created()] + up.call_item(0, ["{}"]) + up.call_item(1, ["{}"], item_id="fc_2")
+                              + [up.completed([])])
+    assert [b["id"] for b in cp.assemble_message(events)["content"]] == ["call_1", "toolu_gen1"]
+
+
+def test_responses_stream_deltas_found_by_item_id_or_without_any_item():
+    # Servers that omit output_index on deltas, or send deltas with no output_item.added.
+    up = ResponsesEvents()
+    added, done = up.text_item(0, ["hi"])[0], up.text_item(0, ["hi"])[-1]
+    by_id = [up.created(), added, up("response.output_text.delta", item_id="msg_1", content_index=0, delta="hi"),
+             done, up.completed([message_item("hi")])]
+    bare = [up.created(), up("response.output_text.delta", item_id="msg_1", content_index=0, delta="hi"),
+            up.completed([message_item("hi")])]
+    for events_in in (by_id, bare):
+        events, _ = run_responses(events_in)
+        assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "hi"}]
 
 
 def test_responses_stream_call_without_arguments_gets_an_empty_object():
@@ -1367,6 +1399,13 @@ def test_responses_stream_items_only_in_the_completed_response():
     assert cp.assemble_message(events)["content"] == [
         RS_SIGNED, {"type": "text", "text": "whole"},
         {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}]
+
+
+def test_responses_stream_item_never_done_is_taken_whole_from_the_completed_response():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created()] + up.reasoning_item(0, [["**Plan**\n\nList files."]])[:-1]
+                              + [up.completed([RS_ITEM])])
+    assert cp.assemble_message(events)["content"] == [RS_SIGNED]
 
 
 def test_responses_stream_incomplete_at_max_output_tokens():
