@@ -2283,7 +2283,8 @@ class ResponsesStreamTranslator:
     ``ended``, ``result`` (a StreamEnd) and ``chunks_seen``. The answer ends at the upstream's
     terminal event (``response.completed`` / ``response.incomplete`` / ``response.failed`` /
     ``error``), inside ``feed``; ``finish`` after that adds nothing, and without one it is a
-    cut (an error event: the Responses API sends no [DONE], so ``done`` changes nothing).
+    cut (an error event). OpenAI sends no [DONE] (some gateways send one after the end), so
+    ``done`` changes nothing here.
 
     The upstream streams output items, each opened by ``response.output_item.added`` and
     closed by ``response.output_item.done``, which carries the whole item. One item at a time
@@ -2310,6 +2311,8 @@ class ResponsesStreamTranslator:
     .done (LM Studio sends a call's arguments only in .done; some servers send whole items)
     goes out then. Items that appear only in the response of ``response.completed`` go out
     at the end, as do items whose .done never came (taken from that response when there).
+    A call whose arguments do not add up to a JSON object ends the stream in an error, as
+    in StreamTranslator: its fragments went out already.
     """
 
     def __init__(self, ctx: ResponseContext, new_tool_id: Callable[[], str]) -> None:
