@@ -1475,7 +1475,8 @@ class ResponsesRejection(Exception):
 
 class FakeResponsesUpstream:
     """A scripted OpenAI Responses server on 127.0.0.1:0. Each valid POST .../responses pops
-    the next responder from `script` (a callable(handler, body)); every request is recorded.
+    the next responder from `script` (a callable(handler, body); when empty, "ok" streamed or
+    as JSON, as the request asks); every request is recorded.
     Requests are checked the way OpenAI checks them (see `check`): an invalid one gets
     OpenAI's error status and body, and no responder runs. Reasoning items it hands out
     (`reasoning()`) carry encrypted_content it can verify when they are replayed."""
@@ -1502,8 +1503,12 @@ class FakeResponsesUpstream:
                         if not self.path.split("?")[0].endswith("/responses"):
                             raise ResponsesRejection(404, "Invalid URL (POST %s)" % self.path)
                         upstream.check(body)
-                        responder = upstream.script.pop(0) if upstream.script else responses_json(
-                            response_body([message_item("ok")]))
+                        if upstream.script:
+                            responder = upstream.script.pop(0)
+                        elif body.get("stream"):
+                            responder = responses_sse(responses_events([message_item("ok")]))
+                        else:
+                            responder = responses_json(response_body([message_item("ok")]))
                     except ResponsesRejection as rejection:
                         responder = responses_json(rejection.body, rejection.status)
                 responder(self, body)
@@ -1696,6 +1701,9 @@ def test_fake_responses_upstream_rejects_what_openai_rejects(responses_upstream)
         got_status, payload = post_responses(fake, body)
         assert (got_status, payload["error"]["message"][:len(message)]) == (status, message)
     assert post_responses(fake, dict(base, input=history + [output]))[0] == 200
+    status, streamed = post_responses(fake, dict(base, input=history + [output], stream=True))
+    events, _ = run_responses(streamed)
+    assert status == 200 and cp.assemble_message(events)["content"] == [{"type": "text", "text": "ok"}]
 
 
 def test_fake_responses_upstream_cut_stream_reaches_the_translator_as_a_cut(responses_upstream):
