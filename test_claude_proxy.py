@@ -864,6 +864,860 @@ def test_iter_sse_data_follows_the_spec():
 
 
 # =============================================================================================
+# Responses API (issue 14): the request, the reasoning signature, the answer, the stream
+# =============================================================================================
+
+OPENAI = cp.DIALECTS["openai"]
+STATELESS = {"store": False, "include": ["reasoning.encrypted_content"]}
+# A reasoning item as OpenAI returns it with include=["reasoning.encrypted_content"]
+RS_ITEM = {"id": "rs_01", "type": "reasoning", "encrypted_content": "gAAAAABo-é\u2028+/=",
+           "summary": [{"type": "summary_text", "text": "**Plan**\n\nList files."}]}
+RS_SIGNED = {"type": "thinking", "thinking": "**Plan**\n\nList files.", "signature": cp.reasoning_signature(RS_ITEM)}
+
+
+def rin(items, **fields):
+    """The expected Responses request: input items plus fields (model gpt-4o, 100 tokens)."""
+    base = {"model": "gpt-4o", "input": items, "store": False, "include": ["reasoning.encrypted_content"],
+            "max_output_tokens": 100}
+    base.update(fields)
+    return base
+
+
+def user_item(*texts):
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": t} for t in texts]}
+
+
+def assistant_item(text):
+    return {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+RESPONSES_TOOL = {"type": "function", "name": "Bash", "description": "Run", "parameters": TOOL["input_schema"],
+                  "strict": False}
+FUNCTION_CALL = {"type": "function_call", "call_id": "toolu_01", "name": "Bash", "arguments": '{"command": "ls"}'}
+
+RESPONSES_REQUEST_CASES = [
+    ("string user content", req(), rin([user_item("hi")])),
+    ("system -> instructions, billing header left out", req(system=[
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;"},
+        {"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "B"}]),
+     rin([user_item("hi")], instructions="A\n\nB")),
+    ("text blocks as input_text parts, empty dropped", req(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "one"}, {"type": "text", "text": ""}, {"type": "text", "text": "two"}]}]),
+     rin([user_item("one", "two")])),
+    ("images as input_image with detail", req(messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "QUJD"}},
+        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]),
+     rin([{"type": "message", "role": "user", "content": [
+         {"type": "input_image", "image_url": "data:image/jpeg;base64,QUJD", "detail": "auto"},
+         {"type": "input_image", "image_url": "https://x/y.png", "detail": "auto"}]}])),
+    ("PDF as input_file, text document as text", req(messages=[{"role": "user", "content": [
+        {"type": "document", "title": "spec", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain"}}]}]),
+     rin([{"type": "message", "role": "user", "content": [
+         {"type": "input_file", "filename": "spec.pdf", "file_data": "data:application/pdf;base64,JVBE"},
+         {"type": "input_text", "text": "plain"}]}])),
+    ("assistant text as output_text", req(messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "user", "content": "bye"}]),
+     rin([user_item("hi"), assistant_item("hello"), user_item("bye")])),
+    ("mid-conversation system message as user text at its place", req(messages=[
+        {"role": "user", "content": "hi"}, {"role": "system", "content": [{"type": "text", "text": "agents: A"}]}]),
+     rin([user_item("hi", "<system-reminder>\nagents: A\n</system-reminder>")])),
+    ("tool round trip: function_call then function_call_output, error result prefixed", req(messages=[
+        {"role": "user", "content": "list"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Running."}, CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a.txt", "is_error": True},
+                                     {"type": "text", "text": "next"}]}]),
+     rin([user_item("list"), assistant_item("Running."), FUNCTION_CALL,
+          {"type": "function_call_output", "call_id": "toolu_01", "output": "Error: a.txt"}, user_item("next")])),
+    ("a call without a result gets a synthetic output; a result without a call is user text", req(messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_zz", "content": "late"}]}]),
+     rin([user_item("go"), FUNCTION_CALL,
+          {"type": "function_call_output", "call_id": "toolu_01", "output": cp.INTERRUPTED_RESULT},
+          user_item("[Result of tool call toolu_zz]\nlate")])),
+    ("a second result for one call is user text", req(messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "1"},
+                                     {"type": "tool_result", "tool_use_id": "toolu_01", "content": "2"}]}]),
+     rin([user_item("go"), FUNCTION_CALL, {"type": "function_call_output", "call_id": "toolu_01", "output": "1"},
+          user_item("[Result of tool call toolu_01]\n2")])),
+    ("a call left last in the history is answered too", req(messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": [CALL]}]),
+     rin([user_item("go"), FUNCTION_CALL,
+          {"type": "function_call_output", "call_id": "toolu_01", "output": cp.INTERRUPTED_RESULT}])),
+    ("image in a tool result travels in a user message after the outputs", req(messages=[
+        {"role": "user", "content": "shot"}, {"role": "assistant", "content": [CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": [
+            {"type": "text", "text": "png:"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}}]}]}]),
+     rin([user_item("shot"), FUNCTION_CALL,
+          {"type": "function_call_output", "call_id": "toolu_01", "output": "png:\n" + cp.IMAGE_IN_NEXT_MESSAGE},
+          {"type": "message", "role": "user", "content": [
+              {"type": "input_image", "image_url": "data:image/png;base64,AA", "detail": "auto"}]}])),
+    ("replayed reasoning goes back whole, at its place; other thinking dropped", req(messages=[
+        {"role": "user", "content": "list"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "mine", "signature": cp.thinking_signature("mine")},
+            {"type": "thinking", "thinking": "anthropic", "signature": "EqQBCkYIBxgCKkA"},
+            {"type": "redacted_thinking", "data": "xyz"}, RS_SIGNED, CALL]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Done."}]}]),
+     rin([user_item("list"), RS_ITEM, FUNCTION_CALL, {"type": "function_call_output", "call_id": "toolu_01", "output": "a"},
+          assistant_item("Done.")])),
+    ("reasoning between two calls stays between them", req(messages=[
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [RS_SIGNED, CALL, dict(RS_SIGNED, signature=cp.reasoning_signature(
+            dict(RS_ITEM, id="rs_02"))), dict(CALL, id="toolu_02")]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_02", "content": "2"},
+                                     {"type": "tool_result", "tool_use_id": "toolu_01", "content": "1"}]}]),
+     rin([user_item("go"), RS_ITEM, FUNCTION_CALL, dict(RS_ITEM, id="rs_02"), dict(FUNCTION_CALL, call_id="toolu_02"),
+          {"type": "function_call_output", "call_id": "toolu_01", "output": "1"},
+          {"type": "function_call_output", "call_id": "toolu_02", "output": "2"}])),
+    ("reasoning with no item after it in its turn is left out", req(messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": [RS_SIGNED, {"type": "text", "text": ""}]},
+        {"role": "user", "content": "again"}]),
+     rin([user_item("go", "again")])),
+    ("tools flat and not strict; server tools and unloaded deferred tools dropped", req(tools=[
+        TOOL, {"type": "web_search_20250305", "name": "web_search"},
+        {"name": "Later", "input_schema": {"type": "object"}, "defer_loading": True}]),
+     rin([user_item("hi")], tools=[RESPONSES_TOOL])),
+    ("tool_choice any -> required, parallel use off", req(tools=[TOOL], tool_choice={"type": "any", "disable_parallel_tool_use": True}),
+     rin([user_item("hi")], tools=[RESPONSES_TOOL], tool_choice="required", parallel_tool_calls=False)),
+    ("tool_choice tool -> function by name", req(tools=[TOOL], tool_choice={"type": "tool", "name": "Bash"}),
+     rin([user_item("hi")], tools=[RESPONSES_TOOL], tool_choice={"type": "function", "name": "Bash"})),
+    ("tool_choice none and auto", req(tools=[TOOL], tool_choice={"type": "none", "disable_parallel_tool_use": True}),
+     rin([user_item("hi")], tools=[RESPONSES_TOOL], tool_choice="none")),
+    ("adaptive thinking with effort -> reasoning effort and summaries", req(
+        thinking={"type": "adaptive"}, output_config={"effort": "max"}),
+     rin([user_item("hi")], reasoning={"effort": "high", "summary": "auto"})),
+    ("thinking budget -> effort", req(thinking={"type": "enabled", "budget_tokens": 2000}),
+     rin([user_item("hi")], reasoning={"effort": "low", "summary": "auto"})),
+    ("adaptive thinking alone asks for summaries only", req(thinking={"type": "adaptive"}),
+     rin([user_item("hi")], reasoning={"summary": "auto"})),
+    ("thinking disabled: no reasoning field", req(thinking={"type": "disabled"}, output_config={"effort": "low"}),
+     rin([user_item("hi")])),
+    ("temperature, top_p and stream passed; stop sequences have no counterpart", req(
+        temperature=0.2, top_p=0.9, stream=True, stop_sequences=["END"], top_k=5, metadata={"user_id": "u"}),
+     rin([user_item("hi")], temperature=0.2, top_p=0.9, stream=True)),
+    ("structured output -> text.format json_schema", req(output_config={"format": {
+        "type": "json_schema", "schema": {"type": "object", "properties": {"title": {"type": "string"}}}}}),
+     rin([user_item("hi")], text={"format": {"type": "json_schema", "name": "output", "schema": {
+         "type": "object", "properties": {"title": {"type": "string"}}}}})),
+    ("no max_tokens, no max_output_tokens", {"model": "gpt-5-codex", "messages": [{"role": "user", "content": "hi"}]},
+     {"model": "gpt-5-codex", "input": [user_item("hi")], "store": False, "include": ["reasoning.encrypted_content"]}),
+]
+
+
+@pytest.mark.parametrize("name,anthropic_in,responses_out", RESPONSES_REQUEST_CASES, ids=[c[0] for c in RESPONSES_REQUEST_CASES])
+def test_to_responses(name, anthropic_in, responses_out):
+    frozen = json.dumps(anthropic_in, sort_keys=True)
+    assert cp.to_responses(cp.validate_request(anthropic_in), SETTINGS, OPENAI) == responses_out
+    assert json.dumps(anthropic_in, sort_keys=True) == frozen, "input mutated"
+
+
+def test_to_responses_max_tokens_limit_model_mapping_and_dialect_rules():
+    settings = cp.Settings(openai_base_url="http://127.0.0.1:9/v1", max_tokens_limit=50, small_model="gpt-5.1-codex-mini")
+    body = cp.to_responses(req(model="claude-haiku-4-5", max_tokens=64000), settings, OPENAI)
+    assert (body["model"], body["max_output_tokens"]) == ("gpt-5.1-codex-mini", 50)
+    gemini = cp.to_responses(req(tools=[dict(TOOL, input_schema={"type": "object", "additionalProperties": False,
+                                                                  "properties": {"n": {"const": "x"}}})]),
+                             SETTINGS, cp.DIALECTS["gemini"])
+    assert gemini["tools"][0]["parameters"] == {"type": "object", "properties": {"n": {"enum": ["x"]}}}
+    # Mistral ids and ids over 40 characters: the same mapping as the Chat path, on both sides.
+    long_id = "toolu_" + "x" * 60
+    history = req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [dict(CALL, id=long_id)]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": long_id, "content": "ok"}]}])
+    items = cp.to_responses(history, SETTINGS, OPENAI)["input"]
+    assert items[1]["call_id"] == items[2]["call_id"] and len(items[1]["call_id"]) <= 40
+    with pytest.raises(cp.ProxyError) as caught:     # Ollama's /v1/responses takes no files
+        cp.to_responses(req(messages=[{"role": "user", "content": [{"type": "document", "source": {
+            "type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}]), SETTINGS, cp.DIALECTS["ollama"])
+    assert caught.value.status == 400 and "PDF" in caught.value.message
+
+
+@pytest.mark.parametrize("model,dialect,setting,expected", [
+    ("gpt-4o", "openai", "chat", False), ("gpt-5-codex", "openai", "chat", False),
+    ("gpt-4o", "generic", "responses", True),
+    ("gpt-5-codex", "openai", "auto", True), ("gpt-5.1-codex-mini", "azure", "auto", True),
+    ("codex-mini-latest", "generic", "auto", True), ("o3-pro", "openai", "auto", True),
+    ("gpt-5-pro-2025-10-06", "azure", "auto", True), ("gpt-5.4-pro", "openai", "AUTO", True),
+    ("openai/o3-pro", "openrouter", "auto", False), ("gpt-5", "openai", "auto", False),
+    ("gpt-5-chat-latest", "openai", "auto", False), ("proxy-model-pro2", "openai", "auto", False),
+])
+def test_uses_responses_api(model, dialect, setting, expected):
+    assert cp.uses_responses_api(model, dialect, setting) is expected
+
+
+def test_uses_responses_api_rejects_an_unknown_setting():
+    with pytest.raises(ValueError, match="chat, responses, auto"):
+        cp.uses_responses_api("gpt-5", "openai", "completions")
+
+
+@pytest.mark.parametrize("item", [
+    RS_ITEM, {"type": "reasoning", "id": "rs_2", "summary": []},
+    {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "x" * 5000, "status": "completed"},
+    {"type": "reasoning", "id": "rs_4", "content": [{"type": "reasoning_text", "text": "\ud83d lone half"}]}])
+def test_reasoning_signature_round_trip(item):
+    signature = cp.reasoning_signature(item)
+    assert signature.startswith("ccpr1.") and re.fullmatch(r"[A-Za-z0-9._-]+", signature)
+    back = cp.reasoning_item_of(signature)
+    assert back == item and json.dumps(back, sort_keys=True) == json.dumps(item, sort_keys=True)
+
+
+@pytest.mark.parametrize("signature", [
+    None, "", "EqQBCkYIBxgCKkA", cp.thinking_signature("hi"), "ccpr1.", "ccpr1.!!!!",
+    "ccpr1." + base64.urlsafe_b64encode(b'{"type":"message"}').decode(),
+    "ccpr1." + base64.urlsafe_b64encode(b"[1,2]").decode(), "ccpr1." + base64.urlsafe_b64encode(b"\xff").decode()])
+def test_other_signatures_are_never_taken_for_a_reasoning_item(signature):
+    assert cp.reasoning_item_of(signature) is None
+
+
+def test_reasoning_signature_is_not_a_chat_path_signature():
+    assert not cp.is_proxy_signature(RS_SIGNED["signature"], RS_SIGNED["thinking"])
+
+
+def response_body(output, status="completed", usage=None, **fields):
+    body = {"id": "resp_1", "object": "response", "status": status, "model": "gpt-5-codex", "output": output,
+            "usage": usage if usage is not None else {
+                "input_tokens": 120, "input_tokens_details": {"cached_tokens": 20},
+                "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 4}, "total_tokens": 129}}
+    body.update(fields)
+    return body
+
+
+def message_item(*parts, item_id="msg_1"):
+    return {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [
+        {"type": "output_text", "text": p, "annotations": []} if isinstance(p, str) else p for p in parts]}
+
+
+def call_item(call_id="call_1", name="Bash", arguments='{"command":"ls"}', item_id="fc_1"):
+    return {"id": item_id, "type": "function_call", "status": "completed", "call_id": call_id, "name": name,
+            "arguments": arguments}
+
+
+USAGE_OUT = {"input_tokens": 100, "output_tokens": 9, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 20}
+
+RESPONSES_ANSWER_CASES = [
+    ("text", response_body([message_item("Hello", " there")]),
+     message_out([{"type": "text", "text": "Hello there"}], usage=USAGE_OUT)),
+    ("reasoning then a call: thinking carries the item, tool_use id is the call_id",
+     response_body([RS_ITEM, call_item()]),
+     message_out([RS_SIGNED, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}],
+                 "tool_use", usage=USAGE_OUT)),
+    ("reasoning without summary still makes a block to replay",
+     response_body([{"type": "reasoning", "id": "rs_9", "summary": [], "encrypted_content": "gAAA"}, message_item("ok")]),
+     message_out([{"type": "thinking", "thinking": "", "signature": cp.reasoning_signature(
+         {"type": "reasoning", "id": "rs_9", "summary": [], "encrypted_content": "gAAA"})},
+                  {"type": "text", "text": "ok"}], usage=USAGE_OUT)),
+    ("reasoning that cannot be replayed is a plain thinking block",
+     response_body([{"type": "reasoning", "id": "rs_9", "summary": [{"type": "summary_text", "text": "a"},
+                                                                   {"type": "summary_text", "text": "b"}]}]),
+     message_out([{"type": "thinking", "thinking": "a\n\nb", "signature": cp.thinking_signature("a\n\nb")}],
+                 usage=USAGE_OUT)),
+    ("parallel calls; a call id already in the conversation is replaced",
+     response_body([call_item("call_old"), call_item("call_2", "Read", '{"path":"a"}', "fc_2")]),
+     message_out([{"type": "tool_use", "id": "toolu_gen1", "name": "Bash", "input": {"command": "ls"}},
+                  {"type": "tool_use", "id": "call_2", "name": "Read", "input": {"path": "a"}}], "tool_use",
+                 usage=USAGE_OUT)),
+    ("refusal", response_body([message_item({"type": "refusal", "refusal": "I can't help with that."})]),
+     message_out([{"type": "text", "text": "I can't help with that."}], "refusal", usage=USAGE_OUT)),
+    ("incomplete at max_output_tokens", response_body([message_item("partial")], "incomplete",
+                                                       incomplete_details={"reason": "max_output_tokens"}),
+     message_out([{"type": "text", "text": "partial"}], "max_tokens", usage=USAGE_OUT)),
+    ("incomplete by the content filter", response_body([], "incomplete", incomplete_details={"reason": "content_filter"}),
+     message_out([], "refusal", usage=USAGE_OUT)),
+    ("no usage: the estimate", response_body([message_item("x")], usage={}),
+     message_out([{"type": "text", "text": "x"}], usage={"input_tokens": 0, "output_tokens": 0,
+                                                        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})),
+    ("server tool items and whitespace text make no block", response_body([
+        {"type": "web_search_call", "id": "ws_1", "status": "completed"}, message_item(" \n")]),
+     message_out([], usage=USAGE_OUT)),
+]
+
+
+@pytest.mark.parametrize("name,response,anthropic_out", RESPONSES_ANSWER_CASES, ids=[c[0] for c in RESPONSES_ANSWER_CASES])
+def test_responses_to_anthropic(name, response, anthropic_out):
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1", history_tool_ids=frozenset({"call_old"}))
+    frozen = json.dumps(response, sort_keys=True)
+    assert cp.responses_to_anthropic(response, ctx, ids()) == dict(anthropic_out, model="claude-opus-4-8")
+    assert json.dumps(response, sort_keys=True) == frozen
+
+
+@pytest.mark.parametrize("response,status,error_type,text", [
+    (response_body([], "failed", error={"code": "rate_limit_exceeded", "message": "Slow down"}), 429, "rate_limit_error", "Slow down"),
+    (response_body([], "failed", error={"code": "server_error", "message": "The model failed"}), 500, "api_error", "The model failed"),
+    (response_body([], "failed", error={"code": "context_length_exceeded",
+                                        "message": "Your input exceeds the context window of this model."}),
+     400, "invalid_request_error", "context window"),
+    (response_body([], "failed", error={"code": "invalid_image_url", "message": "bad"}), 400, "invalid_request_error", "bad"),
+    (response_body([], "failed", error={"code": "server_is_overloaded", "message": "busy"}), 529, "overloaded_error", "busy"),
+    (response_body([], "failed", error=None), 502, "api_error", "upstream response failed"),
+    ({"error": {"message": "boom", "type": "server_error", "code": None}}, 502, "api_error", "boom"),
+    (response_body([], "cancelled"), 502, "api_error", "cancelled"),
+    ({"id": "resp_1", "status": "completed"}, 502, "api_error", "no output"),
+])
+def test_responses_to_anthropic_errors(response, status, error_type, text):
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1")
+    with pytest.raises(cp.ProxyError) as caught:
+        cp.responses_to_anthropic(response, ctx, ids())
+    assert (caught.value.status, caught.value.error_type) == (status, error_type) and text in caught.value.message
+
+
+# --- the stream, one upstream event at a time ---------------------------------------------------
+
+class ResponsesEvents:
+    """Builds Responses stream events in OpenAI's recorded shapes, numbered in order."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, kind, **fields):
+        event = {"type": kind, "sequence_number": self.n}
+        self.n += 1
+        event.update(fields)
+        return event
+
+    def created(self):
+        return self("response.created", response={"id": "resp_1", "object": "response", "status": "in_progress",
+                                                   "output": [], "usage": None})
+
+    def text_item(self, index, pieces, item_id="msg_1"):
+        item = message_item("".join(pieces), item_id=item_id)
+        return ([self("response.output_item.added", output_index=index,
+                      item={"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}),
+                 self("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
+                      part={"type": "output_text", "text": "", "annotations": []})]
+                + [self("response.output_text.delta", item_id=item_id, output_index=index, content_index=0, delta=p,
+                        logprobs=[]) for p in pieces]
+                + [self("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
+                        text="".join(pieces)),
+                   self("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
+                        part=item["content"][0]),
+                   self("response.output_item.done", output_index=index, item=item)])
+
+    def reasoning_item(self, index, parts, item=RS_ITEM):
+        events = [self("response.output_item.added", output_index=index,
+                       item={"id": item["id"], "type": "reasoning", "summary": []})]   # no encrypted_content yet
+        for summary_index, pieces in enumerate(parts):
+            events.append(self("response.reasoning_summary_part.added", item_id=item["id"], output_index=index,
+                               summary_index=summary_index, part={"type": "summary_text", "text": ""}))
+            events += [self("response.reasoning_summary_text.delta", item_id=item["id"], output_index=index,
+                            summary_index=summary_index, delta=p) for p in pieces]
+            events.append(self("response.reasoning_summary_text.done", item_id=item["id"], output_index=index,
+                               summary_index=summary_index, text="".join(pieces)))
+        return events + [self("response.output_item.done", output_index=index, item=item)]
+
+    def call_added(self, index, call_id="call_1", name="Bash", item_id="fc_1"):
+        return self("response.output_item.added", output_index=index, item={
+            "id": item_id, "type": "function_call", "status": "in_progress", "call_id": call_id, "name": name,
+            "arguments": ""})
+
+    def args(self, index, delta, item_id="fc_1"):
+        return self("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=delta)
+
+    def call_done(self, index, call_id="call_1", name="Bash", arguments='{"command":"ls"}', item_id="fc_1"):
+        return [self("response.function_call_arguments.done", item_id=item_id, output_index=index, arguments=arguments),
+                self("response.output_item.done", output_index=index, item=call_item(call_id, name, arguments, item_id))]
+
+    def call_item(self, index, pieces, call_id="call_1", name="Bash", item_id="fc_1"):
+        return ([self.call_added(index, call_id, name, item_id)] + [self.args(index, p, item_id) for p in pieces]
+                + self.call_done(index, call_id, name, "".join(pieces), item_id))
+
+    def completed(self, output, usage=None):
+        return self("response.completed", response=response_body(output, usage=usage))
+
+    def incomplete(self, output, reason="max_output_tokens"):
+        return self("response.incomplete", response=response_body(output, "incomplete", incomplete_details={"reason": reason}))
+
+
+def run_responses(events_in, input_tokens=7, history_tool_ids=()):
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1", input_tokens=input_tokens,
+                             history_tool_ids=frozenset(history_tool_ids))
+    translator = cp.ResponsesStreamTranslator(ctx, ids())
+    events = translator.start()
+    for event in events_in:
+        events += translator.feed(json.loads(json.dumps(event)))     # a fresh dict, as parsed from the wire
+    events += translator.finish()
+    assert translator.chunks_seen == len(events_in)
+    return check_stream([(e["type"], e) for e in events]), translator
+
+
+def test_responses_stream_text_exact_events():
+    up = ResponsesEvents()
+    events, translator = run_responses([up.created(), up("response.in_progress", response={})]
+                                       + up.text_item(0, ["Hel", "lo"]) + [up.completed([message_item("Hello")])])
+    assert non_meta(events) == [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": USAGE_OUT},
+        {"type": "message_stop"}]
+    assert translator.ended and translator.result == cp.StreamEnd("end_turn", None, USAGE_OUT)
+    assert translator.feed({"type": "response.output_text.delta", "output_index": 0, "delta": "x"}) == []
+    assert translator.finish() == []
+
+
+def test_responses_stream_reasoning_then_a_call_signature_carries_the_item_from_its_done_event():
+    up = ResponsesEvents()
+    events, translator = run_responses(
+        [up.created()] + up.reasoning_item(0, [["**Plan**", "\n\nList files."]])
+        + up.call_item(1, ['{"comm', 'and":"ls"}']) + [up.completed([RS_ITEM, call_item()])])
+    assert [(e["type"], e.get("delta")) for e in non_meta(events)] == [
+        ("content_block_start", None),
+        ("content_block_delta", {"type": "thinking_delta", "thinking": "**Plan**"}),
+        ("content_block_delta", {"type": "thinking_delta", "thinking": "\n\nList files."}),
+        ("content_block_delta", {"type": "signature_delta", "signature": cp.reasoning_signature(RS_ITEM)}),
+        ("content_block_stop", None),
+        ("content_block_start", None),
+        ("content_block_delta", {"type": "input_json_delta", "partial_json": '{"comm'}),
+        ("content_block_delta", {"type": "input_json_delta", "partial_json": 'and":"ls"}'}),
+        ("content_block_stop", None),
+        ("message_delta", {"stop_reason": "tool_use", "stop_sequence": None}), ("message_stop", None)]
+    message = cp.assemble_message(events)
+    assert message["content"] == [RS_SIGNED, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}]
+    assert (message["stop_reason"], message["usage"]["cache_read_input_tokens"]) == ("tool_use", 20)
+    assert translator.result.stop_reason == "tool_use"
+
+
+def test_responses_stream_reasoning_replayed_byte_for_byte_in_the_next_request():
+    up = ResponsesEvents()
+    item = {"id": "rs_7", "type": "reasoning", "summary": [], "encrypted_content": "gAAAAABp\u00e9==", "status": "completed"}
+    events, _ = run_responses([up.created()] + up.reasoning_item(0, [], item) + up.call_item(1, ['{"command":"ls"}'])
+                              + [up.completed([item, call_item()])])
+    message = cp.assemble_message(events)
+    # no summary text: still a thinking block, empty, with the item in its signature
+    assert message["content"][0] == {"type": "thinking", "thinking": "", "signature": cp.reasoning_signature(item)}
+    follow_up = req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": message["content"]},
+                              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "a"}]}])
+    body = cp.to_responses(json.loads(json.dumps(follow_up)), SETTINGS, OPENAI)
+    assert json.dumps(body["input"][1], ensure_ascii=False) == json.dumps(item, ensure_ascii=False)
+    assert [i["type"] for i in body["input"]] == ["message", "reasoning", "function_call", "function_call_output"]
+
+
+def test_responses_stream_parallel_calls_one_after_the_other():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created()] + up.call_item(0, ['{"command":"ls"}'])
+                              + up.call_item(1, ['{"path":', '"a"}'], "call_2", "Read", "fc_2")
+                              + [up.completed([call_item(), call_item("call_2", "Read", '{"path":"a"}', "fc_2")])])
+    assert [(b["id"], b["name"], b["input"]) for b in cp.assemble_message(events)["content"]] == [
+        ("call_1", "Bash", {"command": "ls"}), ("call_2", "Read", {"path": "a"})]
+
+
+def test_responses_stream_parallel_calls_interleaved_wait_for_the_open_one():
+    up = ResponsesEvents()
+    events, _ = run_responses([
+        up.created(), up.call_added(0), up.call_added(1, "call_2", "Read", "fc_2"),
+        up.args(1, '{"path":', "fc_2"), up.args(0, '{"command":'), up.args(1, '"a"}', "fc_2"), up.args(0, '"ls"}')]
+        + up.call_done(1, "call_2", "Read", '{"path":"a"}', "fc_2") + up.call_done(0)
+        + [up.completed([call_item(), call_item("call_2", "Read", '{"path":"a"}', "fc_2")])])
+    assert [(b["id"], b["input"]) for b in cp.assemble_message(events)["content"]] == [
+        ("call_1", {"command": "ls"}), ("call_2", {"path": "a"})]
+    # the first call streams live; the second goes out once the first is done
+    assert [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"] == [
+        '{"command":', '"ls"}', '{"path":"a"}']
+
+
+def test_responses_stream_call_id_from_history_is_replaced_and_arguments_only_in_done():
+    # LM Studio (Qwen3): the arguments arrive only in function_call_arguments.done.
+    up = ResponsesEvents()
+    arguments_done, item_done = up.call_done(0, "call_old")
+    del item_done["item"]["arguments"]
+    events, _ = run_responses([up.created(), up.call_added(0, "call_old"), arguments_done, item_done,
+                               up.completed([])], history_tool_ids=["call_old"])
+    assert cp.assemble_message(events)["content"] == [
+        {"type": "tool_use", "id": "toolu_gen1", "name": "Bash", "input": {"command": "ls"}}]
+
+
+def test_responses_stream_the_same_call_id_twice_in_one_answer_gets_a_new_id():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created()] + up.call_item(0, ["{}"]) + up.call_item(1, ["{}"], item_id="fc_2")
+                              + [up.completed([])])
+    assert [b["id"] for b in cp.assemble_message(events)["content"]] == ["call_1", "toolu_gen1"]
+
+
+def test_responses_stream_deltas_found_by_item_id_or_without_any_item():
+    # Servers that omit output_index on deltas, or send deltas with no output_item.added.
+    up = ResponsesEvents()
+    added, done = up.text_item(0, ["hi"])[0], up.text_item(0, ["hi"])[-1]
+    by_id = [up.created(), added, up("response.output_text.delta", item_id="msg_1", content_index=0, delta="hi"),
+             done, up.completed([message_item("hi")])]
+    bare = [up.created(), up("response.output_text.delta", item_id="msg_1", content_index=0, delta="hi"),
+            up.completed([message_item("hi")])]
+    for events_in in (by_id, bare):
+        events, _ = run_responses(events_in)
+        assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "hi"}]
+
+
+def test_responses_stream_call_without_arguments_gets_an_empty_object():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created(), up.call_added(0, name="TaskList")]
+                              + up.call_done(0, name="TaskList", arguments="") + [up.completed([])])
+    assert [e["delta"] for e in events if e["type"] == "content_block_delta"] == [
+        {"type": "input_json_delta", "partial_json": "{}"}]
+
+
+def test_responses_stream_arguments_that_are_not_an_object_end_in_an_error():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created()] + up.call_item(0, ['{"command": "l']) + [up.completed([])])
+    assert events[-1]["type"] == "error" and "not a complete JSON object" in events[-1]["error"]["message"]
+
+
+def test_responses_stream_summary_parts_refusal_and_whitespace():
+    up = ResponsesEvents()
+    refusal_item = {"id": "msg_2", "type": "message", "role": "assistant", "content": []}
+    events, _ = run_responses(
+        [up.created()] + up.reasoning_item(0, [["one"], ["two"]]) + up.text_item(1, ["  ", "\n"], "msg_1")
+        + [up("response.output_item.added", output_index=2, item=refusal_item),
+           up("response.refusal.delta", item_id="msg_2", output_index=2, content_index=0, delta="I can't"),
+           up("response.refusal.done", item_id="msg_2", output_index=2, content_index=0, refusal="I can't"),
+           up("response.output_item.done", output_index=2, item=refusal_item), up.completed([])])
+    message = cp.assemble_message(events)
+    assert message["content"] == [{"type": "thinking", "thinking": "one\n\ntwo", "signature": RS_SIGNED["signature"]},
+                                  {"type": "text", "text": "I can't"}]
+    assert message["stop_reason"] == "refusal"
+
+
+def test_responses_stream_vllm_raw_reasoning_text_and_deltas_without_items():
+    # vLLM (gpt-oss): reasoning as response.reasoning_text.delta, items with content, no summary;
+    # the summary of the same reasoning, if also sent, is not shown twice.
+    up = ResponsesEvents()
+    item = {"id": "rs_v", "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "think"}]}
+    events, _ = run_responses([
+        up.created(), up("response.output_item.added", output_index=0, item={"id": "rs_v", "type": "reasoning", "summary": []}),
+        up("response.reasoning_text.delta", item_id="rs_v", output_index=0, content_index=0, delta="think"),
+        up("response.reasoning_summary_text.delta", item_id="rs_v", output_index=0, summary_index=0, delta="again"),
+        up("response.output_item.done", output_index=0, item=item),
+        up("response.output_text.delta", item_id="msg_x", output_index=1, content_index=0, delta="hi"),
+        up.completed([item, message_item("hi")])])
+    assert cp.assemble_message(events)["content"] == [
+        {"type": "thinking", "thinking": "think", "signature": cp.reasoning_signature(item)}, {"type": "text", "text": "hi"}]
+
+
+def test_responses_stream_items_only_in_the_completed_response():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created(), up.completed([RS_ITEM, message_item("whole"), call_item()])])
+    assert cp.assemble_message(events)["content"] == [
+        RS_SIGNED, {"type": "text", "text": "whole"},
+        {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}]
+
+
+def test_responses_stream_item_never_done_is_taken_whole_from_the_completed_response():
+    up = ResponsesEvents()
+    events, _ = run_responses([up.created()] + up.reasoning_item(0, [["**Plan**\n\nList files."]])[:-1]
+                              + [up.completed([RS_ITEM])])
+    assert cp.assemble_message(events)["content"] == [RS_SIGNED]
+
+
+def test_responses_stream_incomplete_at_max_output_tokens():
+    up = ResponsesEvents()
+    events, translator = run_responses([up.created()] + up.text_item(0, ["cut sh"])[:3] + [up.incomplete([message_item("cut sh")])])
+    assert events[-2]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "cut sh"}]
+    assert translator.result.stop_reason == "max_tokens"
+
+
+@pytest.mark.parametrize("event,error_type,text", [
+    ({"type": "response.failed", "response": response_body([], "failed", error={
+        "code": "rate_limit_exceeded", "message": "Rate limit reached for gpt-5-codex"})}, "rate_limit_error", "Rate limit"),
+    ({"type": "response.failed", "response": response_body([], "failed", error={
+        "code": "server_error", "message": "The model failed to generate a response."})}, "api_error", "model failed"),
+    ({"type": "response.failed", "response": response_body([], "failed", error={
+        "code": "context_length_exceeded", "message": "Your input exceeds the context window of this model."})},
+     "invalid_request_error", "context window"),
+    ({"type": "error", "code": "invalid_encrypted_content", "param": None,
+      "message": "The encrypted content for item rs_1 could not be verified."}, "invalid_request_error", "could not be verified"),
+    ({"type": "error", "code": "server_is_overloaded", "message": "overloaded", "param": None}, "overloaded_error", "overloaded"),
+    ({"type": "error", "error": {"type": "server_error", "code": None, "message": "nested"}}, "api_error", "nested"),
+])
+def test_responses_stream_failures_become_error_events(event, error_type, text):
+    up = ResponsesEvents()
+    events, translator = run_responses([up.created()] + up.text_item(0, ["par"])[:3] + [event])
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == error_type
+    assert text in events[-1]["error"]["message"] and events[-1]["error"]["message"].startswith("upstream: ")
+    assert translator.result.error == events[-1]["error"] and translator.result.stop_reason is None
+
+
+def test_responses_stream_cut_before_the_end_is_an_error():
+    up = ResponsesEvents()
+    events, translator = run_responses([up.created()] + up.reasoning_item(0, [["hm"]])[:3])
+    assert events[-1] == {"type": "error", "error": {
+        "type": "api_error", "message": "the upstream closed the stream after 4 events, before the answer ended"}}
+    assert translator.finish(done=False) == [] and translator.result.error["type"] == "api_error"
+
+
+def test_responses_stream_and_whole_answer_agree():
+    up = ResponsesEvents()
+    output = [RS_ITEM, message_item("Let me look."), call_item(), call_item("call_2", "Read", '{"path":"a"}', "fc_2")]
+    events, _ = run_responses([up.created()] + up.reasoning_item(0, [["**Plan**\n\nList files."]])
+                              + up.text_item(1, ["Let me ", "look."]) + up.call_item(2, ['{"command":"ls"}'])
+                              + up.call_item(3, ['{"path":"a"}'], "call_2", "Read", "fc_2") + [up.completed(output)])
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1", input_tokens=7)
+    assert cp.assemble_message(events) == cp.responses_to_anthropic(response_body(output), ctx, ids())
+
+
+# --- a scripted fake /v1/responses upstream that validates requests as OpenAI does -------------
+
+RESPONSES_PARAMETERS = frozenset((
+    "model", "input", "instructions", "store", "include", "max_output_tokens", "temperature", "top_p",
+    "stream", "stream_options", "reasoning", "text", "tools", "tool_choice", "parallel_tool_calls",
+    "metadata", "previous_response_id", "truncation", "user", "service_tier", "prompt_cache_key",
+    "background", "max_tool_calls", "safety_identifier", "top_logprobs", "conversation", "prompt"))
+RESPONSES_PART_TYPES = {"user": ("input_text", "input_image", "input_file"), "system": ("input_text",),
+                        "developer": ("input_text",), "assistant": ("output_text", "refusal")}
+
+
+class ResponsesRejection(Exception):
+    def __init__(self, status, message, param=None, code=None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": "invalid_request_error",
+                                                    "param": param, "code": code}}
+
+
+class FakeResponsesUpstream:
+    """A scripted OpenAI Responses server on 127.0.0.1:0. Each valid POST .../responses pops
+    the next responder from `script` (a callable(handler, body); when empty, "ok" streamed or
+    as JSON, as the request asks); every request is recorded.
+    Requests are checked the way OpenAI checks them (see `check`): an invalid one gets
+    OpenAI's error status and body, and no responder runs. Reasoning items it hands out
+    (`reasoning()`) carry encrypted_content it can verify when they are replayed."""
+
+    def __init__(self):
+        self.requests = []
+        self.script = []
+        self.issued = set()
+        self.lock = threading.Lock()
+        upstream = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                with upstream.lock:
+                    body = json.loads(raw)
+                    upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    try:
+                        if not self.path.split("?")[0].endswith("/responses"):
+                            raise ResponsesRejection(404, "Invalid URL (POST %s)" % self.path)
+                        upstream.check(body)
+                        if upstream.script:
+                            responder = upstream.script.pop(0)
+                        elif body.get("stream"):
+                            responder = responses_sse(responses_events([message_item("ok")]))
+                        else:
+                            responder = responses_json(response_body([message_item("ok")]))
+                    except ResponsesRejection as rejection:
+                        responder = responses_json(rejection.body, rejection.status)
+                responder(self, body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+        self.url = "http://127.0.0.1:%d/v1" % self.server.server_address[1]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def reasoning(self, summary, item_id=None):
+        """A reasoning item as OpenAI returns it with include=["reasoning.encrypted_content"]."""
+        with self.lock:
+            encrypted = "gAAAAAB" + base64.b64encode(os.urandom(24)).decode("ascii")
+            self.issued.add(encrypted)
+            item_id = item_id or "rs_%d" % len(self.issued)
+        return {"id": item_id, "type": "reasoning", "encrypted_content": encrypted,
+                "summary": [{"type": "summary_text", "text": summary}] if summary else []}
+
+    def check(self, body):
+        """Raise ResponsesRejection where OpenAI answers an error (messages as OpenAI words them)."""
+        for name in body:
+            if name not in RESPONSES_PARAMETERS:
+                raise ResponsesRejection(400, "Unknown parameter: '%s'." % name, name, "unknown_parameter")
+        for name in ("model", "input"):
+            if name not in body:
+                raise ResponsesRejection(400, "Missing required parameter: '%s'." % name, name, "missing_required_parameter")
+        for position, tool in enumerate(body.get("tools") or ()):
+            if tool.get("type") == "function" and not isinstance(tool.get("name"), str):
+                raise ResponsesRejection(400, "Missing required parameter: 'tools[%d].name'." % position,
+                                         "tools[%d].name" % position, "missing_required_parameter")
+        items = [{"type": "message", "role": "user", "content": body["input"]}] if isinstance(body["input"], str) \
+            else body["input"]
+        calls, outputs = [], set()
+        for position, item in enumerate(items):
+            kind = item.get("type", "message")
+            where = "input[%d]" % position
+            if kind == "message":
+                allowed = RESPONSES_PART_TYPES.get(item.get("role"))
+                if allowed is None:
+                    raise ResponsesRejection(400, "Invalid value: '%s'." % item.get("role"), where + ".role")
+                for index, part in enumerate(item["content"] if isinstance(item["content"], list) else ()):
+                    if part.get("type") not in allowed:
+                        raise ResponsesRejection(400, "Invalid value: '%s'." % part.get("type"),
+                                                 "%s.content[%d].type" % (where, index), "invalid_value")
+                    if part["type"] == "output_text" and "annotations" not in part:   # Azure's strictness
+                        raise ResponsesRejection(400, "Required property 'annotations' is missing",
+                                                 "%s.content[%d].annotations" % (where, index))
+            elif kind == "function_call":
+                if not isinstance(item.get("arguments"), str):
+                    raise ResponsesRejection(400, "Invalid type for '%s.arguments': expected a string." % where,
+                                             where + ".arguments", "invalid_type")
+                calls.append(item["call_id"])
+            elif kind == "function_call_output":
+                if item.get("call_id") not in calls:
+                    raise ResponsesRejection(400, "No tool call found for function call output with call_id %s."
+                                             % item.get("call_id"), "input")
+                outputs.add(item["call_id"])
+            elif kind == "reasoning":
+                if not item.get("encrypted_content"):
+                    # This fake stores nothing, so an item sent by id only is never found.
+                    message = "Item with id '%s' not found." % item.get("id")
+                    if body.get("store") is False:
+                        message += (" Items are not persisted when `store` is set to false. Try again with "
+                                    "`store` set to true, or remove this item from your input.")
+                    raise ResponsesRejection(404, message, "input")
+                if item["encrypted_content"] not in self.issued:
+                    raise ResponsesRejection(400, "The encrypted content for item %s could not be verified. Reason: "
+                                             "Encrypted content could not be decrypted or parsed." % item.get("id"),
+                                             None, "invalid_encrypted_content")
+            else:
+                raise ResponsesRejection(400, "Invalid value: '%s'." % kind, where + ".type", "invalid_value")
+        for call_id in calls:
+            if call_id not in outputs:
+                raise ResponsesRejection(400, "No tool output found for function call %s." % call_id, "input")
+
+
+def responses_json(payload, status=200):
+    def respond(handler, body):
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+    return respond
+
+
+def responses_sse(events, cut_after=None):
+    """A Responses stream as OpenAI sends it: `event:` and `data:` lines, no [DONE]; the
+    connection closes after `cut_after` events when given."""
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for event in events[:cut_after]:
+            handler.wfile.write(b"event: %s\ndata: %s\n\n" % (event["type"].encode(), json.dumps(event).encode()))
+        handler.close_connection = True
+    return respond
+
+
+def responses_events(output, status="completed", usage=None):
+    """The whole event sequence that streams `output` (reasoning, message, function_call items)."""
+    up = ResponsesEvents()
+    events = [up.created(), up("response.in_progress", response={"id": "resp_1", "status": "in_progress"})]
+    for index, item in enumerate(output):
+        if item["type"] == "reasoning":
+            events += up.reasoning_item(index, [[part["text"]] for part in item["summary"]], item)
+        elif item["type"] == "message":
+            events += up.text_item(index, [item["content"][0]["text"]], item["id"])
+        else:
+            events += up.call_item(index, [item["arguments"]], item["call_id"], item["name"], item["id"])
+    if status == "completed":
+        return events + [up("response.completed", response=response_body(output, usage=usage))]
+    return events + [up("response." + status, response=response_body(output, status, usage=usage,
+                                                                        incomplete_details={"reason": "max_output_tokens"}))]
+
+
+@pytest.fixture
+def responses_upstream():
+    fake = FakeResponsesUpstream()
+    yield fake
+    fake.close()
+
+
+def post_responses(fake, body):
+    """(status, parsed JSON or the list of parsed SSE data) of a POST /v1/responses to `fake`."""
+    conn = http.client.HTTPConnection(*fake.server.server_address, timeout=10)
+    try:
+        conn.request("POST", "/v1/responses", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.getheader("Content-Type") == "text/event-stream":
+            return response.status, [json.loads(d) for d in cp.iter_sse_data(iter(response.readline, b""))]
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_fake_responses_upstream_takes_a_tool_round_trip_from_to_responses(responses_upstream):
+    fake = responses_upstream
+    reasoning = fake.reasoning("**Looking**\n\nI should list the files.")
+    fake.script.append(responses_sse(responses_events([reasoning, call_item()])))
+    first = req(stream=True, tools=[TOOL], thinking={"type": "adaptive"}, output_config={"effort": "medium"},
+                system="You are Claude Code.", messages=[{"role": "user", "content": "list files"}])
+    status, upstream_events = post_responses(fake, cp.to_responses(first, SETTINGS, OPENAI))
+    assert status == 200 and upstream_events[-1]["type"] == "response.completed"
+    events, _ = run_responses(upstream_events)
+    answer = cp.assemble_message(events)
+    assert [b["type"] for b in answer["content"]] == ["thinking", "tool_use"] and answer["stop_reason"] == "tool_use"
+
+    # The next turn carries the reasoning back: the fake verifies its encrypted content and the pairing.
+    fake.script.append(responses_json(response_body([message_item("a.txt b.txt")])))
+    second = dict(first, stream=False, messages=first["messages"] + [
+        {"role": "assistant", "content": answer["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt\nb.txt"}]}])
+    status, payload = post_responses(fake, cp.to_responses(second, SETTINGS, OPENAI))
+    assert status == 200, payload
+    ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_2")
+    assert cp.responses_to_anthropic(payload, ctx, ids())["content"] == [{"type": "text", "text": "a.txt b.txt"}]
+    sent = fake.requests[-1]["body"]
+    assert sent["input"][1] == reasoning and sent["store"] is False and sent["instructions"] == "You are Claude Code."
+
+
+def test_fake_responses_upstream_rejects_what_openai_rejects(responses_upstream):
+    fake = responses_upstream
+    reasoning = fake.reasoning("")
+    history = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go"}]}, reasoning,
+               {"type": "function_call", "call_id": "call_1", "name": "Bash", "arguments": "{}"}]
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "ok"}
+    base = cp.to_responses(req(), SETTINGS, OPENAI)
+    cases = [
+        (dict(base, input=history), 400, "No tool output found for function call call_1."),
+        (dict(base, input=history[:1] + [dict(output, call_id="call_9")]), 400,
+         "No tool call found for function call output with call_id call_9."),
+        (dict(base, input=[history[0], {"id": reasoning["id"], "type": "reasoning", "summary": []}] + history[2:] + [output]),
+         404, "Item with id '%s' not found. Items are not persisted when `store` is set to false." % reasoning["id"]),
+        (dict(base, input=[history[0], dict(reasoning, encrypted_content="gAAAAABforged")] + history[2:] + [output]),
+         400, "The encrypted content for item %s could not be verified." % reasoning["id"]),
+        (cp.to_openai(req(), SETTINGS), 400, "Unknown parameter: 'messages'."),
+        (dict(base, tools=[FN]), 400, "Missing required parameter: 'tools[0].name'."),
+        (dict(base, input=[{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}]),
+         400, "Required property 'annotations' is missing"),
+    ]
+    for body, status, message in cases:
+        got_status, payload = post_responses(fake, body)
+        assert (got_status, payload["error"]["message"][:len(message)]) == (status, message)
+    assert post_responses(fake, dict(base, input=history + [output]))[0] == 200
+    status, streamed = post_responses(fake, dict(base, input=history + [output], stream=True))
+    events, _ = run_responses(streamed)
+    assert status == 200 and cp.assemble_message(events)["content"] == [{"type": "text", "text": "ok"}]
+
+
+def test_fake_responses_upstream_cut_stream_reaches_the_translator_as_a_cut(responses_upstream):
+    fake = responses_upstream
+    fake.script.append(responses_sse(responses_events([message_item("Hello there")]), cut_after=5))
+    status, upstream_events = post_responses(fake, cp.to_responses(req(stream=True), SETTINGS, OPENAI))
+    events, _ = run_responses(upstream_events)
+    assert status == 200 and events[-1]["error"]["message"] == \
+        "the upstream closed the stream after 5 events, before the answer ended"
+
+
+# =============================================================================================
 # Providers: each documented bend of the format, named after the provider that sends it
 # =============================================================================================
 
