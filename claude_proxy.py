@@ -1056,6 +1056,21 @@ def _function_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
     return {"type": "function", "function": function}
 
 
+def _is_function_tool(tool: Any) -> bool:
+    # Server tools (web_search_20250305, ...) run at Anthropic only.
+    return isinstance(tool, dict) and tool.get("type") in (None, "custom") and bool(tool.get("name"))
+
+
+def upstream_tools(request: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The request's tools as the function tools sent upstream (before a dialect cleans their
+    schemas): no server tool, and no defer_loading tool until a tool_reference in the
+    conversation has loaded it, as at Anthropic. Shared by to_openai and estimate_tokens, so
+    the estimate counts what is sent."""
+    loaded = loaded_tool_names(request.get("messages") or ())
+    return [_function_tool(tool) for tool in request.get("tools") or ()
+            if _is_function_tool(tool) and not (tool.get("defer_loading") and tool["name"] not in loaded)]
+
+
 def _tool_choice(choice: Dict[str, Any]) -> Any:
     kind = choice.get("type")
     if kind == "tool":
@@ -1154,19 +1169,13 @@ def to_openai(request: Dict[str, Any], settings: Settings,
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "output", "schema": clean_schema(schema) if dialect.clean_schemas else schema}}
 
-    tools = []
-    loaded = loaded_tool_names(request["messages"])
     for tool in request.get("tools") or ():
-        if tool.get("type") not in (None, "custom") or not tool.get("name"):
-            # Server tools (web_search_20250305, ...) run at Anthropic only.
+        if not _is_function_tool(tool):
             log.info("server tool %r dropped: the upstream cannot run it", tool.get("type"))
-            continue
-        if tool.get("defer_loading") and tool["name"] not in loaded:
-            continue        # as at Anthropic: hidden from the model until a tool_reference loads it
-        function_tool = _function_tool(tool)
-        if dialect.clean_schemas:
+    tools = upstream_tools(request)
+    if dialect.clean_schemas:
+        for function_tool in tools:
             function_tool["function"]["parameters"] = clean_schema(function_tool["function"]["parameters"])
-        tools.append(function_tool)
     choice = request.get("tool_choice")
     if tools:
         body["tools"] = tools
@@ -2129,8 +2138,9 @@ DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_
 # An estimate, used for count_tokens and the input_tokens of message_start (the final
 # message_delta always carries the upstream's real counts).
 #
-# The request is counted as the upstream sees it after to_openai(): the system text, each
-# message's text, tool-call arguments as JSON, tool results, and the tools as JSON (what the
+# The request is counted as the upstream sees it after to_openai(): the system text
+# (_system_text), each message's text, tool-call arguments as JSON, tool results, and the tools
+# to_openai sends (upstream_tools: no server tools, no tools deferred and not loaded) as JSON (what the
 # chat templates of vLLM, llama.cpp, Ollama... render), plus the chat format's per-message
 # tokens. The text is classified byte by byte (its UTF-8 bytes translated to class bits, then
 # counted with big-integer masks and popcounts, all at C speed) into counts of characters by class
@@ -2338,15 +2348,10 @@ def estimate_tokens(request: Dict[str, Any]) -> int:
     arguments: List[Any] = []
     messages = calls = images = 0
     fixed = REPLY_TOKENS
-    system = request.get("system")
-    if isinstance(system, str):
-        system = [{"text": system}]
-    if isinstance(system, list):
-        parts = [b["text"] for b in system if isinstance(b, dict) and isinstance(b.get("text"), str)
-                 and b["text"] and not b["text"].startswith(BILLING_HEADER_PREFIX)]
-        if parts:
-            add("\n\n".join(parts))
-            messages += 1
+    system = _system_text(request.get("system"))
+    if system:
+        add(system)
+        messages += 1
     for message in request.get("messages") or ():
         if not isinstance(message, dict):
             continue
@@ -2387,10 +2392,7 @@ def estimate_tokens(request: Dict[str, Any]) -> int:
             messages += 1
             if message.get("role") == "system":
                 fixed += REMINDER_TOKENS
-    tools = [{"type": "function", "function": {"name": t["name"], "parameters": t.get("input_schema") or {},
-                                                 "description": t.get("description") or ""}}
-             for t in request.get("tools") or ()
-             if isinstance(t, dict) and t.get("type") in (None, "custom") and t.get("name")]
+    tools = upstream_tools(request)
     fixed += MESSAGE_TOKENS * messages + CALL_TOKENS * calls + IMAGE_TOKENS * images
     return max(int(fixed + _estimate(texts, (tools + arguments) or None) + 0.5), 1)
 

@@ -1542,8 +1542,44 @@ def test_estimate_tokens_counts_images_and_skips_thinking():
 
 
 def test_estimate_tokens_survives_odd_input():
-    assert cp.estimate_tokens({"messages": [None, {"content": [None, {"type": "text", "text": "\ud83d"}]}],
-                               "system": 5, "tools": [None, {"type": "web_search_20250305"}]}) >= 1
+    # The odd parts count nothing: the same as the one text block alone (reply, message, 1 token).
+    odd = {"messages": [None, {"content": [None, {"type": "text", "text": "\ud83d"}]}],
+           "system": 5, "tools": [None, {"type": "web_search_20250305"}]}
+    assert cp.estimate_tokens(odd) == cp.estimate_tokens({"messages": [{"content": [{"type": "text", "text": "\ud83d"}]}]}) \
+        == cp.REPLY_TOKENS + cp.MESSAGE_TOKENS + 1
+
+
+# --- estimate_tokens counts what to_openai sends (issue 11) -----------------------------------
+
+
+def test_estimate_tokens_skips_deferred_and_server_tools_like_to_openai():
+    deferred = [dict(TOOL, name="Deferred%d" % i, description="A deferred tool " * 20, defer_loading=True,
+                     input_schema=CLAUDE_CODE_SCHEMA) for i in range(20)]
+    server = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}]
+    request = req(tools=[TOOL] + deferred + server)
+    assert cp.to_openai(request, SETTINGS)["tools"] == cp.upstream_tools(request) == [FN]
+    assert cp.estimate_tokens(request) == cp.estimate_tokens(req(tools=[TOOL]))
+    # A tool_reference loads a deferred tool: from then on it is sent, and counted.
+    loaded = req(tools=[TOOL] + deferred + server, messages=[
+        {"role": "user", "content": "find a tool"},
+        {"role": "assistant", "content": [dict(CALL, name="ToolSearch", input={"query": "d3"})]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01",
+                                      "content": [{"type": "tool_reference", "tool_name": "Deferred3"}]}]}])
+    sent = cp.to_openai(loaded, SETTINGS)["tools"]
+    assert [t["function"]["name"] for t in sent] == ["Bash", "Deferred3"] and sent == cp.upstream_tools(loaded)
+    undeferred = dict(deferred[3])
+    del undeferred["defer_loading"]
+    assert cp.estimate_tokens(loaded) == cp.estimate_tokens(dict(loaded, tools=[TOOL, undeferred]))
+
+
+def test_estimate_tokens_counts_the_system_text_to_openai_sends():
+    blocks = [{"type": "text", "text": cp.BILLING_HEADER_PREFIX + " cc_version=2.1.332; cch=00000;"},
+              {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+              {"type": "text", "text": "Be brief."}]
+    request = req(system=blocks)
+    assert cp.to_openai(request, SETTINGS)["messages"][0] == {"role": "system", "content": "You are Claude Code.\n\nBe brief."}
+    assert cp.estimate_tokens(request) == cp.estimate_tokens(req(system="You are Claude Code.\n\nBe brief."))
+    assert cp.estimate_tokens(request) > cp.estimate_tokens(req())
 
 
 # =============================================================================================
