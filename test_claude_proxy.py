@@ -3631,41 +3631,21 @@ def test_command_line_workers_share_the_port_are_replaced_and_stop_on_sigterm(up
         proxy.stop()
 
 
-def test_benchmark_smoke_produces_every_figure(tmp_path):
-    """bench_claude_proxy.py --smoke runs every scenario for about a second against this proxy
-    and must produce every figure with no error anywhere. No timing is asserted."""
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "bench_claude_proxy.py"), "--smoke", "--json", str(out)],
-        cwd=HERE, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
-    assert result.returncode == 0, result.stdout.decode("utf-8", "replace")[-4000:]
-    with open(str(out), encoding="utf-8") as handle:
-        summary = json.load(handle)
-    expected = (
-        "latency_direct_p50_ms", "latency_proxy_p50_ms", "latency_added_p50_ms", "latency_p50_ratio",
-        "cpu_small_proxy_ms_per_request", "cpu_small_upstream_ms_per_request", "cpu_small_ratio_to_upstream",
-        "cpu_cc_proxy_ms_per_request", "cpu_cc_upstream_ms_per_request", "cpu_cc_ratio_to_upstream",
-        "throughput_direct_rps", "throughput_proxy_rps", "throughput_ratio", "throughput_proxy_cores",
-        "stream_total_direct_p50_ms", "stream_total_proxy_p50_ms", "stream_total_p50_ratio",
-        "stream_ttft_direct_p50_ms", "stream_ttft_proxy_p50_ms", "stream_ttft_added_p50_ms",
-        "stream_cpu_proxy_ms_per_stream", "stream_cpu_upstream_ms_per_stream",
-        "rss_baseline_mb", "rss_idle_mb", "rss_idle_minus_baseline_mb", "rss_peak_mb",
-        "startup_baseline_median_ms", "startup_proxy_median_ms",
-        "upstream_new_connections", "upstream_reused_connections", "upstream_closed_connections",
-        "upstream_requests", "load_requests", "load_errors", "load_streams", "load_streams_complete",
-        "load_nonstream_direct_p50_ms", "load_nonstream_proxy_p50_ms",
-        "load_stream_direct_p50_ms", "load_stream_proxy_p50_ms",
-        "load_rss_start_mb", "load_rss_middle_mb", "load_rss_end_mb", "load_rss_peak_mb",
-        "load_rss_growth_mb", "load_rss_growth_second_half_mb",
-    )
-    figures = summary["figures"]
-    assert [key for key in expected if not isinstance(figures.get(key), (int, float))] == []
-    assert summary["missing_figures"] == [] and summary["errors"] == 0 and summary["failed_scenarios"] == []
-    assert summary["proxy_process"]["alive_at_end"] is True
-    for name, line in summary["scenarios"].items():
-        assert (line["direct_errors"], line["proxy_errors"]) == (0, 0), name
-    assert figures["load_errors"] == 0 and figures["load_requests"] > 0 and figures["load_streams"] > 0
-    assert figures["load_streams_complete"] == figures["load_streams"]
+def test_benchmark_smoke_checks_what_ci_relies_on():
+    """`.ci/run` runs bench_claude_proxy.py --smoke (every scenario for about a second, ~15 s in
+    all, so not in this suite); these are the checks besides errors and missing figures that
+    make it exit 1. The figure list is the benchmark's own."""
+    import bench_claude_proxy as bench
+    good = dict.fromkeys(bench.FIGURE_KEYS, 1.5)
+    good.update(load_requests=40, load_streams=8, load_streams_complete=8, load_errors=0)
+    assert bench.smoke_failures(good) == []
+    assert bench.smoke_failures(dict(good, latency_p50_ratio="1.2", rss_idle_mb=True)) == [
+        "figures that are not numbers: latency_p50_ratio, rss_idle_mb"]
+    assert bench.smoke_failures(dict(good, load_streams=0, load_streams_complete=0)) == [
+        "the load scenario sent no requests or no streams"]
+    assert bench.smoke_failures(dict(good, load_errors=2)) == ["load errors: 2"]
+    assert bench.smoke_failures(dict(good, load_streams_complete=7)) == ["load streams complete: 7 of 8"]
+    assert set(bench.collect_figures({}, {}, None)) == set(bench.FIGURE_KEYS)
 
 
 def test_e2e_client_leaving_on_a_reused_upstream_connection_is_never_sent_again(upstream, caplog):
