@@ -272,6 +272,8 @@ def describe_settings(settings: Settings) -> str:
             value = "%s (BIG_MODEL)" % settings.big_model
         elif f.name == "provider" and value == "auto":
             value = "auto: %s" % resolve_dialect(settings, "").name
+        elif value is None or isinstance(value, (str, tuple, list)) and not value:
+            value = "not set"           # (CA_BUNDLE printed as a blank)
         lines.append("%-19s %s" % (f.metadata["env"], value))
     return "\n".join(lines)
 

@@ -195,6 +195,13 @@ def test_describe_settings_masks_keys():
     assert "sk-secret-value" not in text and "set (15 characters)" in text
 
 
+def test_describe_settings_says_not_set_for_every_empty_setting():
+    lines = cp.describe_settings(cp.Settings()).splitlines()
+    assert "CA_BUNDLE           not set" in lines and "OPENAI_API_KEY      not set" in lines
+    assert [line for line in lines if line.rstrip() != line or len(line.split(None, 1)) < 2] == []
+    assert "CA_BUNDLE           /etc/corp.pem" in cp.describe_settings(cp.Settings(ca_bundle="/etc/corp.pem")).splitlines()
+
+
 # =============================================================================================
 # Errors
 # =============================================================================================
