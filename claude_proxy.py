@@ -277,6 +277,8 @@ def describe_settings(settings: Settings) -> str:
             value = "%s (BIG_MODEL)" % settings.big_model
         elif f.name == "provider" and value == "auto":
             value = "auto: %s" % resolve_dialect(settings, "").name
+        elif value is None or isinstance(value, (str, tuple, list)) and not value:
+            value = "not set"           # (CA_BUNDLE printed as a blank)
         lines.append("%-19s %s" % (f.metadata["env"], value))
     return "\n".join(lines)
 
@@ -559,25 +561,158 @@ def upstream_error_message(payload: Any, fallback: str) -> str:
     return " ".join(text.split())[:300] or fallback
 
 
+def _error_object(payload: Any) -> Optional[Dict[str, Any]]:
+    """The error object of an upstream error body ({"error": {...}}, Gemini's list of those, or
+    the body itself), or None."""
+    inner = payload[0] if isinstance(payload, list) and payload else payload
+    inner = inner.get("error", inner) if isinstance(inner, dict) else None
+    return inner if isinstance(inner, dict) else None
+
+
+def _room(context: Any, prompt: Any) -> int:
+    """Output tokens left in a context window, less 1 % (some providers count approximately)."""
+    return int(context) - int(prompt) - int(context) // 100
+
+
+# Context-window wordings, each provider its own: (pattern, how to get (prompt tokens, context
+# tokens) from its groups, whether the output the request asked for counted too). When it did
+# and the prompt leaves room, the fault is max_tokens, which fix_from_error lowers; otherwise the
+# prompt itself does not fit, and Claude Code compacts the conversation when told so in
+# Anthropic's words.
+def _prompt_context(g: Any) -> Tuple[int, int]:
+    return int(g[0]), int(g[1])
+
+
+def _context_prompt(g: Any) -> Tuple[int, int]:
+    return int(g[1]), int(g[0])
+
+
+def _total_less_output(g: Any) -> Tuple[int, int]:
+    return int(g[1]) - int(g[2]), int(g[0])
+
+
+CONTEXT_WINDOW_PATTERNS = (
+    # OpenAI (and Azure, Groq): "...is N tokens. However, your messages resulted in M tokens."
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, your messages resulted in (\d{1,12}) tokens"),
+     _context_prompt, False),
+    # vLLM: "...is N tokens. However, your request has M input tokens. Please reduce..."
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, your request has (\d{1,12}) input tokens"),
+     _context_prompt, False),
+    # vLLM: "'max_tokens' ... is too large: X. ...is N tokens and your request has M input tokens (X > N - M)"
+    (re.compile(r"maximum context length is (\d{1,12}) tokens and your request has (\d{1,12}) input"),
+     _context_prompt, True),
+    # vLLM (newer): "...However, you requested X output tokens and your prompt contains at least M input tokens"
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested \d{1,12} output tokens "
+                r"and your prompt contains at least (\d{1,12}) input"), _context_prompt, True),
+    # OpenAI (older), DeepSeek, vLLM (older): "However, you requested T tokens (P in the messages,
+    # [F in the functions, and] C in the completion)": the prompt is T - C.
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested (\d{1,12}) tokens "
+                r"\([^)]*?(\d{1,12}) in the completion\)"), _total_less_output, True),
+    # OpenRouter: "However, you requested about T tokens (A of text input, [B of tool input,] C in the output)"
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested about (\d{1,12}) tokens "
+                r"\([^)]*?(\d{1,12}) in the output\)"), _total_less_output, True),
+    # OpenAI (old completions): "...is N tokens, however you requested T tokens (P in your prompt; C for the completion)"
+    (re.compile(r"maximum context length is (\d{1,12}) tokens, however you requested \d{1,12} tokens "
+                r"\((\d{1,12}) in your prompt"), _context_prompt, True),
+    # Gemini: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
+    (re.compile(r"input token count \((\d{1,12})\) exceeds the maximum number of tokens allowed \((\d{1,12})\)"),
+     _prompt_context, False),
+    # llama.cpp server: "request (N tokens) exceeds the available context size (M tokens), try increasing it"
+    (re.compile(r"request \((\d{1,12}) tokens\) exceeds (?:the available )?context size \((\d{1,12}) tokens\)"),
+     _prompt_context, False),
+    # Mistral: "Prompt contains N tokens[ and 0 draft tokens], too large for model with M maximum context length"
+    (re.compile(r"prompt contains (\d{1,12}) tokens[^.]{0,80}?too large for model with (\d{1,12}) maximum context length",
+                re.I), _prompt_context, False),
+    # LM Studio: "Trying to keep the first N tokens when context the overflows. However, the model is
+    # loaded with context length of only M tokens, which is not enough."
+    (re.compile(r"keep the first (\d{1,12}) tokens when context the overflows\. However, the model is loaded "
+                r"with context length of only (\d{1,12}) tokens"), _prompt_context, False),
+    # LM Studio (llama.cpp engine): "Cannot truncate prompt with n_keep (N) >= n_ctx (M)"
+    (re.compile(r"n_keep \((\d{1,12})\) >= n_ctx \((\d{1,12})\)"), _prompt_context, False),
+    # vLLM (engine): "The decoder prompt (length N) is longer than the maximum model length of M."
+    # and "Prompt length of N is longer than the maximum model length of M."
+    (re.compile(r"prompt (?:\(length |length of )(\d{1,12})\)? is longer than the maximum model length of (\d{1,12})",
+                re.I), _prompt_context, False),
+    # Anthropic-compatible upstreams (OpenRouter in front of Claude): already Anthropic's words
+    (re.compile(r"prompt is too long: (\d{1,12}) tokens > (\d{1,12}) maximum"), _prompt_context, False),
+)
+# Overflows said without both numbers: llama.cpp (older builds), Ollama ("prompt too long;
+# exceeded max context length by N tokens"), LM Studio (its own wording, and its MLX engine's).
+CONTEXT_OVERFLOW_WORDS = ("exceeds the available context size", "prompt too long; exceeded",
+                          "tokens to keep from the initial prompt is greater than the context length",
+                          "context size has been exceeded")
+# Error codes and types that say so whatever the message: OpenAI's and Groq's code (Groq's
+# message is only "Please reduce the length of the messages or completion."), llama.cpp's type
+# (which also carries n_prompt_tokens and n_ctx).
+CONTEXT_OVERFLOW_CODES = ("context_length_exceeded", "exceed_context_size_error")
+
+
+def context_window(message: str) -> Optional[Tuple[int, int, bool]]:
+    """(prompt tokens, context tokens, whether the requested output counted too) from a
+    context-window wording of CONTEXT_WINDOW_PATTERNS, or None."""
+    if "context" not in message and "maximum" not in message and "n_ctx" not in message:
+        return None
+    for pattern, numbers, with_output in CONTEXT_WINDOW_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            prompt, context = numbers(match.groups())
+            return prompt, context, with_output
+    return None
+
+
+def context_overflow(message: str, payload: Any = None) -> Optional[str]:
+    """Anthropic's message for an upstream error that says the prompt does not fit the model's
+    context window ("prompt is too long: N tokens > M maximum", or "prompt is too long: " and
+    the upstream's words when it gives no numbers), or None for any other error, including a
+    prompt that fits with room to spare when only the output asked for is too long (a retry
+    with a smaller max_tokens fixes that). `message` is the upstream's message
+    (upstream_error_message), `payload` its parsed error body or stream chunk."""
+    inner = _error_object(payload) or {}
+    window = context_window(message)
+    if window is None and inner.get("type") == "exceed_context_size_error":
+        # llama.cpp: the numbers are fields of the error object too.
+        prompt, context = inner.get("n_prompt_tokens"), inner.get("n_ctx")
+        if isinstance(prompt, int) and isinstance(context, int):
+            window = prompt, context, False
+    if window is not None:
+        prompt, context, with_output = window
+        if with_output and _room(context, prompt) > 0:
+            return None
+        if prompt > context:
+            return "prompt is too long: %d tokens > %d maximum" % (prompt, context)
+        return "prompt is too long: " + message
+    lower = message.lower()
+    if any(words in lower for words in CONTEXT_OVERFLOW_WORDS) \
+            or inner.get("code") in CONTEXT_OVERFLOW_CODES or inner.get("type") in CONTEXT_OVERFLOW_CODES:
+        return "prompt is too long: " + message
+    return None
+
+
 def upstream_error(status: int, body: bytes, retry_after: Optional[str]) -> ProxyError:
+    """The ProxyError for an upstream's error answer (or an error object in a 200 body): its
+    status mapped by UPSTREAM_STATUS_TO_ERROR and its message after "upstream: ", except a
+    context overflow, which is Anthropic's own 400 (context_overflow)."""
     try:
         payload = json.loads(body)
     except ValueError:
         payload = body.decode("utf-8", "replace")
     message = upstream_error_message(payload, "upstream returned HTTP %d" % status)
-    if status in UPSTREAM_STATUS_TO_ERROR:
-        client_status, error_type = UPSTREAM_STATUS_TO_ERROR[status]
-    elif status >= 500:
-        client_status, error_type = 502, "api_error"
+    overflow = context_overflow(message, payload)
+    if overflow is not None:
+        error = ProxyError(400, "invalid_request_error", overflow)
     else:
-        client_status, error_type = 400, "invalid_request_error"
-    headers = {"retry-after": retry_after} if retry_after else {}
-    error = ProxyError(client_status, error_type, "upstream: " + message, headers)
+        if status in UPSTREAM_STATUS_TO_ERROR:
+            client_status, error_type = UPSTREAM_STATUS_TO_ERROR[status]
+        elif status >= 500:
+            client_status, error_type = 502, "api_error"
+        else:
+            client_status, error_type = 400, "invalid_request_error"
+        headers = {"retry-after": retry_after} if retry_after else {}
+        error = ProxyError(client_status, error_type, "upstream: " + message, headers)
     # OpenAI's "insufficient_quota" is a 429 that no retry fixes.
     if status == 429 and "quota" in message.lower():
         error.headers["x-should-retry"] = "false"
-    inner = payload[0] if isinstance(payload, list) and payload else payload
-    inner = inner.get("error", inner) if isinstance(inner, dict) else None
+    inner = _error_object(payload)
     error.upstream_status = status
     error.param = inner.get("param") if isinstance(inner, dict) else None
     error.upstream_message = message
@@ -928,6 +1063,21 @@ def _function_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
     return {"type": "function", "function": function}
 
 
+def _is_function_tool(tool: Any) -> bool:
+    # Server tools (web_search_20250305, ...) run at Anthropic only.
+    return isinstance(tool, dict) and tool.get("type") in (None, "custom") and bool(tool.get("name"))
+
+
+def upstream_tools(request: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The request's tools as the function tools sent upstream (before a dialect cleans their
+    schemas): no server tool, and no defer_loading tool until a tool_reference in the
+    conversation has loaded it, as at Anthropic. Shared by to_openai and estimate_tokens, so
+    the estimate counts what is sent."""
+    loaded = loaded_tool_names(request.get("messages") or ())
+    return [_function_tool(tool) for tool in request.get("tools") or ()
+            if _is_function_tool(tool) and not (tool.get("defer_loading") and tool["name"] not in loaded)]
+
+
 def _tool_choice(choice: Dict[str, Any]) -> Any:
     kind = choice.get("type")
     if kind == "tool":
@@ -1026,19 +1176,13 @@ def to_openai(request: Dict[str, Any], settings: Settings,
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "output", "schema": clean_schema(schema) if dialect.clean_schemas else schema}}
 
-    tools = []
-    loaded = loaded_tool_names(request["messages"])
     for tool in request.get("tools") or ():
-        if tool.get("type") not in (None, "custom") or not tool.get("name"):
-            # Server tools (web_search_20250305, ...) run at Anthropic only.
+        if not _is_function_tool(tool):
             log.info("server tool %r dropped: the upstream cannot run it", tool.get("type"))
-            continue
-        if tool.get("defer_loading") and tool["name"] not in loaded:
-            continue        # as at Anthropic: hidden from the model until a tool_reference loads it
-        function_tool = _function_tool(tool)
-        if dialect.clean_schemas:
+    tools = upstream_tools(request)
+    if dialect.clean_schemas:
+        for function_tool in tools:
             function_tool["function"]["parameters"] = clean_schema(function_tool["function"]["parameters"])
-        tools.append(function_tool)
     choice = request.get("tool_choice")
     if tools:
         body["tools"] = tools
@@ -1227,30 +1371,14 @@ DROPPABLE_PARAMETERS = ("temperature", "top_p", "stop", "stream_options", "paral
                         "reasoning_effort", "reasoning", "tool_choice", "response_format")
 REJECTION_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "not permitted",
                    "extra inputs", "not allowed", "does not support", "invalid", "unavailable")
-def _room(context: Any, prompt: Any) -> int:
-    """Output tokens left in a context window, less 1 % (some providers count approximately)."""
-    return int(context) - int(prompt) - int(context) // 100
-
-
-# (pattern, how to get the limit from its groups, whether the limit is the model's own). A
-# limit derived from the context window minus this request's input holds for this request
+# (pattern, how to get the model's output limit from its groups). A limit derived from the
+# context window minus this request's input (CONTEXT_WINDOW_PATTERNS) holds for this request
 # only: it is used for the retry and never remembered.
 OUTPUT_LIMIT_PATTERNS = (
-    (re.compile(r"supports at most (\d{1,12}) completion tokens"), lambda g: int(g[0]), True),      # OpenAI
-    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d{1,12})\]"), lambda g: int(g[0]), True),  # DeepSeek
-    (re.compile(r"max_tokens`? must be less than or equal to `?(\d{1,12})"), lambda g: int(g[0]), True),  # Groq
-    (re.compile(r"max_tokens\W*:?\s*\d{1,12} > (\d{1,12}), which is the maximum allowed"), lambda g: int(g[0]), True),
-    (re.compile(r"maximum context length is (\d{1,12}) tokens and your request has (\d{1,12}) input"),  # vLLM
-     lambda g: _room(g[0], g[1]), False),
-    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested \d{1,12} tokens "
-                r"\((\d{1,12}) in the messages"), lambda g: _room(g[0], g[1]), False),
-    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested \d{1,12} output tokens "
-                r"and your prompt contains at least (\d{1,12}) input"), lambda g: _room(g[0], g[1]), False),  # vLLM
-    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested about (\d{1,12}) tokens "
-                r"\([^)]*?(\d{1,12}) in the output\)"),                                             # OpenRouter
-     lambda g: _room(g[0], int(g[1]) - int(g[2])), False),
-    (re.compile(r"maximum context length is (\d{1,12}) tokens, however you requested \d{1,12} tokens "
-                r"\((\d{1,12}) in your prompt"), lambda g: _room(g[0], g[1]), False),                # OpenAI (old)
+    (re.compile(r"supports at most (\d{1,12}) completion tokens"), lambda g: int(g[0])),      # OpenAI
+    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d{1,12})\]"), lambda g: int(g[0])),  # DeepSeek
+    (re.compile(r"max_tokens`? must be less than or equal to `?(\d{1,12})"), lambda g: int(g[0])),  # Groq
+    (re.compile(r"max_tokens\W*:?\s*\d{1,12} > (\d{1,12}), which is the maximum allowed"), lambda g: int(g[0])),
 )
 
 
@@ -1288,11 +1416,18 @@ def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Tup
     lower = message.lower()
     current = body.get("max_tokens") or body.get("max_completion_tokens")
     if isinstance(current, int):
-        for pattern, limit_of, model_wide in OUTPUT_LIMIT_PATTERNS:
+        for pattern, limit_of in OUTPUT_LIMIT_PATTERNS:
             match = pattern.search(message)
             if match:
                 limit = limit_of(match.groups())
-                return (ModelFixes(max_output=limit), model_wide) if 0 < limit < current else (None, False)
+                return (ModelFixes(max_output=limit), True) if 0 < limit < current else (None, False)
+        window = context_window(message)
+        if window is not None:
+            # Room left by this prompt: a fix for this request only. No room: an overflow
+            # (context_overflow), which no parameter fixes.
+            prompt, context, with_output = window
+            limit = _room(context, prompt) if with_output else 0
+            return (ModelFixes(max_output=limit), False) if 0 < limit < current else (None, False)
     if not any(w in lower for w in REJECTION_WORDS):
         return None, False
     if "max_tokens" in body and "max_completion_tokens" in message and param in (None, "max_tokens"):
@@ -2768,8 +2903,9 @@ class ResponsesStreamTranslator:
 # An estimate, used for count_tokens and the input_tokens of message_start (the final
 # message_delta always carries the upstream's real counts).
 #
-# The request is counted as the upstream sees it after to_openai(): the system text, each
-# message's text, tool-call arguments as JSON, tool results, and the tools as JSON (what the
+# The request is counted as the upstream sees it after to_openai(): the system text
+# (_system_text), each message's text, tool-call arguments as JSON, tool results, and the tools
+# to_openai sends (upstream_tools: no server tools, no tools deferred and not loaded) as JSON (what the
 # chat templates of vLLM, llama.cpp, Ollama... render), plus the chat format's per-message
 # tokens. The text is classified byte by byte (its UTF-8 bytes translated to class bits, then
 # counted with big-integer masks and popcounts, all at C speed) into counts of characters by class
@@ -2977,15 +3113,10 @@ def estimate_tokens(request: Dict[str, Any]) -> int:
     arguments: List[Any] = []
     messages = calls = images = 0
     fixed = REPLY_TOKENS
-    system = request.get("system")
-    if isinstance(system, str):
-        system = [{"text": system}]
-    if isinstance(system, list):
-        parts = [b["text"] for b in system if isinstance(b, dict) and isinstance(b.get("text"), str)
-                 and b["text"] and not b["text"].startswith(BILLING_HEADER_PREFIX)]
-        if parts:
-            add("\n\n".join(parts))
-            messages += 1
+    system = _system_text(request.get("system"))
+    if system:
+        add(system)
+        messages += 1
     for message in request.get("messages") or ():
         if not isinstance(message, dict):
             continue
@@ -3026,10 +3157,7 @@ def estimate_tokens(request: Dict[str, Any]) -> int:
             messages += 1
             if message.get("role") == "system":
                 fixed += REMINDER_TOKENS
-    tools = [{"type": "function", "function": {"name": t["name"], "parameters": t.get("input_schema") or {},
-                                                 "description": t.get("description") or ""}}
-             for t in request.get("tools") or ()
-             if isinstance(t, dict) and t.get("type") in (None, "custom") and t.get("name")]
+    tools = upstream_tools(request)
     fixed += MESSAGE_TOKENS * messages + CALL_TOKENS * calls + IMAGE_TOKENS * images
     return max(int(fixed + _estimate(texts, (tools + arguments) or None) + 0.5), 1)
 
