@@ -123,6 +123,10 @@ class Settings:
     reasoning_replay: str = _setting(
         "auto", "REASONING_REPLAY", "assistant field that carries earlier reasoning back upstream: "
         "auto (DeepSeek: reasoning_content), off, reasoning_content or reasoning")
+    openai_api: str = _setting(
+        "auto", "OPENAI_API", "wire format of the default provider: chat (/chat/completions), responses "
+        "(/responses), or auto: responses for models served only there (codex, and -pro on OpenAI and "
+        "Azure); NAME_API does the same for provider NAME")
     keepalive_timeout: float = _setting(
         60.0, "KEEPALIVE_TIMEOUT", "seconds an idle kept-alive client connection is kept open")
     # Not settings of their own: the providers named by NAME_BASE_URL / NAME_API_KEY and the
@@ -226,6 +230,7 @@ def load_settings(environ: Dict[str, str], argv: List[str], dotenv_text: str = "
 
 
 CHOICES = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "log_format": ("text", "json"),
+           "openai_api": ("chat", "responses", "auto"),
            "upstream_streaming": ("on", "off"),
            "reasoning_replay": ("auto", "off", "reasoning_content", "reasoning")}
 
@@ -391,6 +396,7 @@ class ProviderConfig:
     api_keys: Tuple[str, ...] = ()
     provider: str = "auto"                       # its dialect, or auto
     headers: Tuple[Tuple[str, str], ...] = ()    # extra headers for this provider only
+    api: str = "auto"                            # chat, responses or auto (NAME_API)
 
 
 def split_list(value: str) -> Tuple[str, ...]:
@@ -412,7 +418,7 @@ def provider_configs(environ: Dict[str, str], settings: Settings) -> Tuple[Provi
     """The default provider, then every provider the environment defines (NAME_BASE_URL, or a
     well-known NAME with its key, or a local one), sorted by name."""
     providers = [ProviderConfig(DEFAULT_PROVIDER, settings.openai_base_url, split_list(settings.openai_api_key),
-                                settings.provider, ())]
+                                settings.provider, (), settings.openai_api)]
     names = set(WELL_KNOWN_PROVIDERS)
     names.update(n[:-9].lower() for n in environ if n.endswith("_BASE_URL") and PROVIDER_NAME.match(n[:-9]))
     for name in sorted(names):
@@ -427,7 +433,8 @@ def provider_configs(environ: Dict[str, str], settings: Settings) -> Tuple[Provi
                 continue
             base_url = known[0]
         providers.append(ProviderConfig(name, base_url, keys, (environ.get(upper + "_PROVIDER") or "auto").strip(),
-                                        header_settings(environ, upper + "_HEADER_")))
+                                        header_settings(environ, upper + "_HEADER_"),
+                                        (environ.get(upper + "_API") or "auto").strip()))
     return tuple(providers)
 
 
@@ -465,6 +472,9 @@ def check_providers(settings: Settings, environ_keys: Iterable[str] = ()) -> Non
         if config.provider.lower() != "auto" and config.provider.lower() not in DIALECTS:
             raise ValueError("%s_PROVIDER must be auto or one of %s, got %r" % (
                 config.name.upper(), ", ".join(DIALECTS), config.provider))
+        if config.api.lower() not in ("chat", "responses", "auto"):
+            raise ValueError("%s_API must be chat, responses or auto, got %r" % (
+                "OPENAI" if config.name == DEFAULT_PROVIDER else config.name.upper(), config.api))
     keyed = set(environ_keys)
     for setting in ("big_model", "middle_model", "small_model"):
         for entry in split_list(getattr(settings, setting)):
@@ -1396,7 +1406,7 @@ def apply_fixes(body: Dict[str, Any], fixes: ModelFixes) -> Dict[str, Any]:
     if fixes.completion_tokens_field and "max_tokens" in body:
         body["max_completion_tokens"] = body.pop("max_tokens")
     if fixes.max_output:
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(key), int) and body[key] > fixes.max_output:
                 body[key] = fixes.max_output
     return body
@@ -1414,7 +1424,7 @@ def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Tup
     """(the fix an upstream 400 asks for, whether it holds for the model beyond this request),
     or (None, False) if the error names no parameter or limit we can fix."""
     lower = message.lower()
-    current = body.get("max_tokens") or body.get("max_completion_tokens")
+    current = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
     if isinstance(current, int):
         for pattern, limit_of in OUTPUT_LIMIT_PATTERNS:
             match = pattern.search(message)
@@ -2384,9 +2394,10 @@ def _responses_tool_choice(choice: Dict[str, Any]) -> Any:
     return TOOL_CHOICE.get(choice.get("type"), "auto")
 
 
-def to_responses(request: Dict[str, Any], settings: Settings, dialect: Dialect) -> Dict[str, Any]:
-    """A validated Anthropic Messages request -> a Responses API request (a new dict)."""
-    model = map_model(request["model"], settings)
+def to_responses(request: Dict[str, Any], settings: Settings, dialect: Dialect, model: str = "") -> Dict[str, Any]:
+    """A validated Anthropic Messages request -> a Responses API request (a new dict) for
+    upstream `model` (default: the first of the tier's chain)."""
+    model = model or model_chain(map_model(request["model"], settings), (p.name for p in settings.providers))[0].model
     body: Dict[str, Any] = {"model": model}
     instructions = _system_text(request.get("system"))
     if instructions:
@@ -3471,7 +3482,7 @@ class Upstream:
         self.origin = self.pool.origin
         self.dialect = resolve_dialect(settings, "", config)
         self.keys = KeyRing(config.api_keys)
-        self.chat_path = self.path("/chat/completions")
+        self.paths = {"chat": self.path("/chat/completions"), "responses": self.path("/responses")}
         self.headers = [self._headers(key) for key in self.keys.keys]
         self.cool_until = 0.0
         self.last_error = ""
@@ -3525,13 +3536,19 @@ class Upstream:
         if self.learned[model] != before:
             log.info("model %s: %s from now on (upstream said: %s)", model, describe_fix(fix), reason[:200])
 
-    def build(self, request: Dict[str, Any], model: str, stream: bool = True) -> Dict[str, Any]:
-        """The request as this provider's `model` takes it. stream=False: ask for a whole
-        answer even when the client streams (UPSTREAM_STREAMING=off)."""
-        body = apply_fixes(to_openai(request, self.settings, self.dialect_for(model), model), self.fixes_for(model))
+    def wire(self, model: str) -> str:
+        """The wire format `model` is reached by here: "chat" or "responses" (NAME_API)."""
+        return "responses" if uses_responses_api(model, self.dialect_for(model).name, self.config.api) else "chat"
+
+    def build(self, request: Dict[str, Any], model: str, stream: bool = True) -> Tuple[str, Dict[str, Any]]:
+        """(wire format, the request as this provider's `model` takes it). stream=False: ask for
+        a whole answer even when the client streams (UPSTREAM_STREAMING=off)."""
+        wire = self.wire(model)
+        translate = to_responses if wire == "responses" else to_openai
+        body = apply_fixes(translate(request, self.settings, self.dialect_for(model), model), self.fixes_for(model))
         if not stream and "stream" in body:
             body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        return body
+        return wire, body
 
     # -- health ---------------------------------------------------------------------------
 
@@ -3546,7 +3563,7 @@ class Upstream:
     # -- the exchange with it ---------------------------------------------------------------
 
     def send(self, body: Dict[str, Any], on_sent: Callable[[Optional[http.client.HTTPConnection]], None],
-             abandoned: Callable[[], bool] = lambda: False
+             abandoned: Callable[[], bool] = lambda: False, wire: str = "chat"
              ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """POST the request; an answer other than 200 becomes a ProxyError. When the upstream
         answers 400 naming a parameter or a limit the model cannot take, the request is fixed
@@ -3564,7 +3581,7 @@ class Upstream:
                 log.debug("upstream request: %s%s", "" if self.name == DEFAULT_PROVIDER else "(%s) " % self.name,
                           describe_request(body))
             key = self.keys.pick(time.monotonic())
-            conn, response = self.pool.post(self.chat_path, json_bytes(body), self.headers[key], on_sent, abandoned)
+            conn, response = self.pool.post(self.paths[wire], json_bytes(body), self.headers[key], on_sent, abandoned)
             if response.status == 200:
                 if learned is not None:          # remembered only once the fix worked
                     self.learn(str(model), *learned)
@@ -3819,6 +3836,7 @@ class Exchange:
         self.upstream_stream = self.stream and server.settings.upstream_streaming.lower() != "off"
         self.chain = server.router.chain(request["model"])
         self.upstream, self.model = self.chain[0]
+        self.wire = "chat"                              # the wire format of the attempt
         self.failed: List[Tuple[str, str]] = []        # (provider, kind) of each that failed
         self.conn: Optional[http.client.HTTPConnection] = None
         self.response: Optional[http.client.HTTPResponse] = None
@@ -3867,9 +3885,9 @@ class Exchange:
         for position, (upstream, model) in enumerate(candidates):
             self.upstream, self.model = upstream, model
             with wrong_types_are_400():
-                body = upstream.build(self.request, model, self.upstream_stream)
+                self.wire, body = upstream.build(self.request, model, self.upstream_stream)
             try:
-                self.conn, self.response = upstream.send(body, self._on_sent, lambda: self.client_gone)
+                self.conn, self.response = upstream.send(body, self._on_sent, lambda: self.client_gone, self.wire)
                 return
             except ProxyError as err:
                 kind = failover_kind(err)
@@ -3893,7 +3911,7 @@ class Exchange:
         """The answer as batches of Anthropic events, as the upstream sends it. `finished` is
         true once the last batch has been made; `ended` then says how it ended."""
         if is_event_stream(self.response):
-            self.translator = StreamTranslator(self._context(), new_tool_id)
+            self.translator = self._translator()
             for events in translate_sse(response_lines(self.response), self.translator, self.upstream.origin):
                 if self.translator.ended:
                     self.ended = self.translator.result
@@ -3910,7 +3928,7 @@ class Exchange:
     def message(self) -> Dict[str, Any]:
         """The whole answer as one Anthropic message. Raises ProxyError."""
         if is_event_stream(self.response):     # a server that streams although we did not ask
-            self.translator = StreamTranslator(self._context(), new_tool_id)
+            self.translator = self._translator()
             events: List[Dict[str, Any]] = []
             for batch in translate_sse(response_lines(self.response), self.translator, self.upstream.origin):
                 events.extend(batch)
@@ -3919,6 +3937,10 @@ class Exchange:
         message = self._whole_answer(self.ctx)
         self.ended = StreamEnd(message["stop_reason"], message["stop_sequence"], message["usage"])
         return message
+
+    def _translator(self) -> Any:
+        translator = ResponsesStreamTranslator if self.wire == "responses" else StreamTranslator
+        return translator(self._context(), new_tool_id)
 
     def _whole_answer(self, ctx: ResponseContext) -> Dict[str, Any]:
         body = read_body(self.response, self.upstream.origin)
@@ -3930,9 +3952,11 @@ class Exchange:
         if not isinstance(completion, dict):
             raise ProxyError(502, "api_error", "upstream answer is not a JSON object")
         usage = completion.get("usage")
-        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens", usage.get("input_tokens")), int):
             ctx = self._context()
         try:
+            if self.wire == "responses":
+                return responses_to_anthropic(completion, ctx, new_tool_id)
             return to_anthropic(completion, ctx, new_tool_id)
         except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
             raise ProxyError(502, "api_error", "upstream answer has an unexpected shape (%s)"
@@ -5241,13 +5265,15 @@ class Doctor:
             len(ids), "; not listed: %s" % ", ".join(missing) if missing else ", the mapped ones among them"))
 
     def _answer(self, upstream: Upstream, tier: str, model: str) -> None:
-        request = {"model": "claude-%s" % tier, "max_tokens": 1,
+        # (the Responses API takes no max_output_tokens below 16)
+        request = {"model": "claude-%s" % tier, "max_tokens": 16 if upstream.wire(model) == "responses" else 1,
                    "messages": [{"role": "user", "content": "Reply with the word OK."}]}
         setting = {"opus": "BIG_MODEL", "sonnet": "MIDDLE_MODEL", "haiku": "SMALL_MODEL"}[tier]
         shown = model if upstream.name == DEFAULT_PROVIDER else "%s/%s" % (upstream.name, model)
         started = time.monotonic()
         try:
-            conn, response = upstream.send(upstream.build(request, model, stream=False), lambda conn: None)
+            wire, body = upstream.build(request, model, stream=False)
+            conn, response = upstream.send(body, lambda conn: None, wire=wire)
             read_body(response, upstream.origin)
             conn.close()
             self.step(True, tier, "%s answered in %.1fs" % (shown, time.monotonic() - started))

@@ -3757,6 +3757,86 @@ def test_access_line_says_what_happened_once(upstream, caplog):
 
 
 # ---------------------------------------------------------------------------------------------
+# The Responses API through the proxy: codex models, reasoning carried across a tool round trip
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_e2e_codex_tool_round_trip_carries_the_reasoning_item_back_byte_for_byte(responses_upstream, stream):
+    fake = responses_upstream
+    reasoning = fake.reasoning("**Looking**\n\nI should list the files.")
+    first = [reasoning, call_item(arguments='{"command":"ls"}')]
+    fake.script.append(responses_sse(responses_events(first)) if stream else responses_json(response_body(first)))
+    fake.script.append(responses_sse(responses_events([message_item("two files")])) if stream
+                       else responses_json(response_body([message_item("two files")])))
+    tools = [{"name": "Bash", "description": "Run a command", "input_schema": {
+        "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}]
+    with proxy_for({"OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "sk-codex-0000000001",
+                    "BIG_MODEL": "gpt-5-codex"}) as server:
+        client = Client(server)
+        ask = req(messages=[{"role": "user", "content": "list the files"}], tools=tools, thinking={"type": "adaptive"})
+        if stream:
+            turn = cp.assemble_message(client.stream(ask))
+        else:
+            status, _, turn = client.json("POST", "/v1/messages", ask)
+            assert status == 200, turn
+        assert [b["type"] for b in turn["content"]] == ["thinking", "tool_use"] and turn["stop_reason"] == "tool_use"
+        assert turn["content"][1]["id"] == "call_1" and turn["content"][1]["input"] == {"command": "ls"}
+        history = ask["messages"] + [{"role": "assistant", "content": turn["content"]},
+                                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
+                                                                   "content": "a.txt b.txt"}]}]
+        follow = dict(ask, messages=history)
+        answer = cp.assemble_message(client.stream(follow)) if stream else client.json("POST", "/v1/messages", follow)[2]
+    assert answer["content"][-1] == {"type": "text", "text": "two files"}
+    first_request, second_request = (r["body"] for r in fake.requests)
+    assert all(r["path"] == "/v1/responses" for r in fake.requests)
+    assert first_request["store"] is False and first_request["include"] == ["reasoning.encrypted_content"]
+    replayed = [item for item in second_request["input"] if item.get("type") == "reasoning"]
+    assert replayed == [reasoning]                                    # byte for byte, as it came
+    kinds = [item.get("type") for item in second_request["input"]]
+    assert kinds[-3:] == ["reasoning", "function_call", "function_call_output"]
+
+
+def test_e2e_a_failover_chain_may_mix_chat_and_responses(upstream, responses_upstream):
+    upstream.script.append(failing(503))
+    responses_upstream.script.append(responses_json(response_body([message_item("from codex")])))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "CODEX_BASE_URL": responses_upstream.url,
+                    "CODEX_API_KEY": "sk-codex-0000000002", "BIG_MODEL": "gpt-4o,codex/gpt-5-codex"}) as server:
+        status, _, message = Client(server).json("POST", "/v1/messages", req())
+    assert status == 200 and message["content"] == [{"type": "text", "text": "from codex"}]
+    assert upstream.requests[0]["path"] == "/v1/chat/completions"
+    assert responses_upstream.requests[0]["path"] == "/v1/responses"
+    assert responses_upstream.requests[0]["body"]["max_output_tokens"] == 100
+
+
+def test_e2e_the_api_setting_chooses_the_wire_and_a_rejection_comes_back_as_anthropic(responses_upstream, upstream):
+    responses_upstream.script.append(responses_json(
+        {"error": {"message": "No tool output found for function call call_9.", "type": "invalid_request_error",
+                   "param": "input", "code": None}}, 400))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "OPENAI_API": "responses", "BIG_MODEL": "gpt-4o",
+                    "SMALL_MODEL": "codex/gpt-4o-mini", "CODEX_BASE_URL": responses_upstream.url,
+                    "CODEX_API": "chat"}) as server:
+        client = Client(server)
+        status, _, error = client.json("POST", "/v1/messages", req())          # the default, forced to /responses
+        client.json("POST", "/v1/messages", req(model="claude-haiku-4-5"))    # CODEX_API=chat
+    assert upstream.requests[0]["path"] == "/v1/responses"
+    assert responses_upstream.requests[-1]["path"] == "/v1/chat/completions"
+    with proxy_for({"OPENAI_BASE_URL": responses_upstream.url, "BIG_MODEL": "gpt-5-codex"}) as server:
+        status, _, error = Client(server).json("POST", "/v1/messages", req())
+    assert status == 400 and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"] == "upstream: No tool output found for function call call_9."
+
+
+def test_check_answers_through_the_responses_api(responses_upstream):
+    out = io.StringIO()
+    settings = provider_settings({"OPENAI_BASE_URL": responses_upstream.url, "OPENAI_API_KEY": "sk-doctor-00000001",
+                                  "BIG_MODEL": "gpt-5-codex", "SMALL_MODEL": "gpt-5-codex"})
+    assert cp.Doctor(settings, out).run(), out.getvalue()
+    assert "gpt-5-codex answered" in out.getvalue()
+    (post,) = [r for r in responses_upstream.requests if r["path"].endswith("/responses")]
+    assert post["body"]["max_output_tokens"] == 16 and "stream" not in post["body"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Speed-ups: `import claude_proxy` changes nothing in the process; the plain path works alone
 
 PLAIN_PATH_SCRIPT = r'''
