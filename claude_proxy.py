@@ -1375,10 +1375,10 @@ class ModelFixes:
 
 NO_FIXES = ModelFixes()
 # OpenAI reasoning models reject max_tokens, temperature and top_p.
-OPENAI_REASONING_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5(?!-chat))", re.I)
+OPENAI_REASONING_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5(?!-chat)|codex-mini)", re.I)
 # Parameters a model may reject that the request can do without.
 DROPPABLE_PARAMETERS = ("temperature", "top_p", "stop", "stream_options", "parallel_tool_calls",
-                        "reasoning_effort", "reasoning", "tool_choice", "response_format")
+                        "reasoning_effort", "reasoning", "tool_choice", "response_format", "include")
 REJECTION_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "not permitted",
                    "extra inputs", "not allowed", "does not support", "invalid", "unavailable")
 # (pattern, how to get the model's output limit from its groups). A limit derived from the
@@ -1438,6 +1438,9 @@ def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Tup
             prompt, context, with_output = window
             limit = _room(context, prompt) if with_output else 0
             return (ModelFixes(max_output=limit), False) if 0 < limit < current else (None, False)
+    if "include" in body and "encrypted content is not supported" in lower:
+        # Responses API, a model without encrypted reasoning: the message names no parameter.
+        return ModelFixes(drop=frozenset(("include",))), True
     if not any(w in lower for w in REJECTION_WORDS):
         return None, False
     if "max_tokens" in body and "max_completion_tokens" in message and param in (None, "max_tokens"):
@@ -4680,6 +4683,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 access["model"], access["upstream_model"] if provider == DEFAULT_PROVIDER else
                 "%s/%s" % (provider, access["upstream_model"]), " stream" if access["stream"] else "",
                 " (upstream whole)" if access.get("upstream_whole") else ""))
+            if access.get("api") == "responses":
+                parts[-1] += " via /responses"
             if access["failed"]:
                 failed_over = ["%s %s" % pair for pair in access["failed"]]
                 parts.append("failed: " + ", ".join(failed_over))
@@ -4779,7 +4784,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 exchange.open()
             finally:
                 access.update(provider=exchange.upstream.name, upstream_model=exchange.model,
-                              failed=exchange.failed)
+                              failed=exchange.failed, api=exchange.wire)
             if exchange.stream:
                 return self._stream(exchange)
             message = exchange.message()

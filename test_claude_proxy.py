@@ -3826,6 +3826,18 @@ def test_e2e_the_api_setting_chooses_the_wire_and_a_rejection_comes_back_as_anth
     assert error["error"]["message"] == "upstream: No tool output found for function call call_9."
 
 
+def test_a_model_without_encrypted_reasoning_is_asked_again_without_include(responses_upstream, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    responses_upstream.script.append(responses_json(
+        {"error": {"message": "Encrypted content is not supported with this model.", "type": "invalid_request_error",
+                   "param": None, "code": None}}, 400))
+    with proxy_for({"OPENAI_BASE_URL": responses_upstream.url, "BIG_MODEL": "gpt-5-codex"}) as server:
+        assert Client(server).json("POST", "/v1/messages", req())[0] == 200
+    first, second = (r["body"] for r in responses_upstream.requests)
+    assert "include" in first and "include" not in second
+    assert "claude-opus-4-8 -> gpt-5-codex via /responses" in caplog.text
+
+
 def test_check_answers_through_the_responses_api(responses_upstream):
     out = io.StringIO()
     settings = provider_settings({"OPENAI_BASE_URL": responses_upstream.url, "OPENAI_API_KEY": "sk-doctor-00000001",
