@@ -3740,6 +3740,20 @@ def test_after_a_cut_stream_the_connection_serves_the_retry(upstream, proxy):
     assert upstream.connections >= 1
 
 
+def test_a_stream_the_upstream_cut_says_so_not_unreachable(upstream, proxy):
+    def cut_mid_body(handler, body):
+        begin_sse(handler)
+        send_parts(handler, [sse_data(chunk({"role": "assistant", "content": ""})), sse_data(chunk({"content": "par"}))])
+        handler.wfile.flush()
+        handler.connection.shutdown(socket.SHUT_RDWR)       # no last chunk: the body is cut
+        handler.close_connection = True
+    upstream.script.append(cut_mid_body)
+    error = Client(proxy).stream(req())[-1]
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "closed the stream after 2 events, before the answer ended" in error["error"]["message"]
+    assert "unreachable" not in error["error"]["message"]
+
+
 def test_access_line_says_what_happened_once(upstream, caplog):
     caplog.set_level(logging.INFO, logger="claude_proxy")
     upstream.script.extend([failing(500), json_text("whole")])
