@@ -5,7 +5,7 @@ Run it from the project root (Python 3.8+, standard library only, 127.0.0.1 only
 
     python3 bench_claude_proxy.py                    # about 90 s
     python3 bench_claude_proxy.py --quick            # about 30 s
-    python3 bench_claude_proxy.py --smoke --json f   # about 15 s; exit 0 only if every figure came out
+    python3 bench_claude_proxy.py --smoke --json f   # about 15 s; exit 0 only if every figure came out (CI)
     python3 bench_claude_proxy.py --json bench.json  # also write every figure to a file
     python3 bench_claude_proxy.py --body capture.json --scenarios d1,d2   # your own request
     python3 bench_claude_proxy.py --workers 4        # the proxy run as 4 processes
@@ -1716,6 +1716,25 @@ FIGURE_KEYS = (
 )
 
 
+
+def smoke_failures(figures: Dict[str, Any]) -> List[str]:
+    """What a --smoke run must show besides no errors and no missing figure (CI runs it): every
+    figure of FIGURE_KEYS a number, a load scenario that sent requests and streams, every load
+    stream complete. No timing is judged."""
+    problems = []
+    odd = [key for key in FIGURE_KEYS if figures.get(key) is not None
+           and (isinstance(figures[key], bool) or not isinstance(figures[key], (int, float)))]
+    if odd:
+        problems.append("figures that are not numbers: " + ", ".join(odd))
+    if not (figures.get("load_requests") or 0) > 0 or not (figures.get("load_streams") or 0) > 0:
+        problems.append("the load scenario sent no requests or no streams")
+    if figures.get("load_errors") != 0:
+        problems.append("load errors: %s" % figures.get("load_errors"))
+    if figures.get("load_streams_complete") != figures.get("load_streams"):
+        problems.append("load streams complete: %s of %s" % (figures.get("load_streams_complete"),
+                                                             figures.get("load_streams")))
+    return problems
+
 def collect_figures(by_key: Dict[str, Dict[str, Any]], startup: Dict[str, Any], rss_idle: Optional[float]
                     ) -> Dict[str, Any]:
     """`by_key`: scenario key -> its result."""
@@ -2028,9 +2047,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     incomplete = len(results) < len(scenarios) or not summary["proxy_process"]["alive_at_end"]
     every_scenario = len(scenarios) == len(all_scenarios)
     missing = [key for key, value in summary["figures"].items() if value is None] if every_scenario else []
+    smoke = smoke_failures(summary["figures"]) if args.smoke else []
     summary["errors"] = errors
     summary["failed_scenarios"] = failed
     summary["missing_figures"] = missing
+    summary["smoke_failures"] = smoke
     summary["total_s"] = round(time.monotonic() - started, 1)
     proc = summary["proxy_process"]
     print("\n== scenarios (ms; ratio = proxy/direct; 'new conns' = upstream connections opened while measuring) ==")
@@ -2049,11 +2070,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(full, handle, indent=1)
         print("full results written to %s" % args.json)
-    if failed or incomplete or missing:
+    if failed or incomplete or missing or smoke:
         print("\nFAILED: %s" % "; ".join(
             (["errors in " + ", ".join(failed)] if failed else [])
             + (["the proxy died or a scenario did not run"] if incomplete else [])
-            + (["figures not produced: " + ", ".join(missing)] if missing else [])), file=sys.stderr)
+            + (["figures not produced: " + ", ".join(missing)] if missing else []) + smoke), file=sys.stderr)
         return 1
     return 0
 

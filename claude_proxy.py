@@ -127,6 +127,10 @@ class Settings:
     reasoning_replay: str = _setting(
         "auto", "REASONING_REPLAY", "assistant field that carries earlier reasoning back upstream: "
         "auto (DeepSeek: reasoning_content), off, reasoning_content or reasoning")
+    openai_api: str = _setting(
+        "auto", "OPENAI_API", "wire format of the default provider: chat (/chat/completions), responses "
+        "(/responses), or auto: responses for models served only there (codex, and -pro on OpenAI and "
+        "Azure); NAME_API does the same for provider NAME")
     keepalive_timeout: float = _setting(
         60.0, "KEEPALIVE_TIMEOUT", "seconds an idle kept-alive client connection is kept open")
     # Not settings of their own: the providers named by NAME_BASE_URL / NAME_API_KEY and the
@@ -230,6 +234,7 @@ def load_settings(environ: Dict[str, str], argv: List[str], dotenv_text: str = "
 
 
 CHOICES = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "log_format": ("text", "json"),
+           "openai_api": ("chat", "responses", "auto"),
            "upstream_streaming": ("on", "off"),
            "reasoning_replay": ("auto", "off", "reasoning_content", "reasoning")}
 
@@ -281,6 +286,8 @@ def describe_settings(settings: Settings) -> str:
             value = "%s (BIG_MODEL)" % settings.big_model
         elif f.name == "provider" and value == "auto":
             value = "auto: %s" % resolve_dialect(settings, "").name
+        elif value is None or isinstance(value, (str, tuple, list)) and not value:
+            value = "not set"           # (CA_BUNDLE printed as a blank)
         lines.append("%-19s %s" % (f.metadata["env"], value))
     return "\n".join(lines)
 
@@ -394,6 +401,7 @@ class ProviderConfig:
     api_keys: Tuple[str, ...] = ()
     provider: str = "auto"                       # its dialect, or auto
     headers: Tuple[Tuple[str, str], ...] = ()    # extra headers for this provider only
+    api: str = "auto"                            # chat, responses or auto (NAME_API)
 
 
 def split_list(value: str) -> Tuple[str, ...]:
@@ -415,7 +423,7 @@ def provider_configs(environ: Dict[str, str], settings: Settings) -> Tuple[Provi
     """The default provider, then every provider the environment defines (NAME_BASE_URL, or a
     well-known NAME with its key, or a local one), sorted by name."""
     providers = [ProviderConfig(DEFAULT_PROVIDER, settings.openai_base_url, split_list(settings.openai_api_key),
-                                settings.provider, ())]
+                                settings.provider, (), settings.openai_api)]
     names = set(WELL_KNOWN_PROVIDERS)
     names.update(n[:-9].lower() for n in environ if n.endswith("_BASE_URL") and PROVIDER_NAME.match(n[:-9]))
     for name in sorted(names):
@@ -430,7 +438,8 @@ def provider_configs(environ: Dict[str, str], settings: Settings) -> Tuple[Provi
                 continue
             base_url = known[0]
         providers.append(ProviderConfig(name, base_url, keys, (environ.get(upper + "_PROVIDER") or "auto").strip(),
-                                        header_settings(environ, upper + "_HEADER_")))
+                                        header_settings(environ, upper + "_HEADER_"),
+                                        (environ.get(upper + "_API") or "auto").strip()))
     return tuple(providers)
 
 
@@ -468,6 +477,9 @@ def check_providers(settings: Settings, environ_keys: Iterable[str] = ()) -> Non
         if config.provider.lower() != "auto" and config.provider.lower() not in DIALECTS:
             raise ValueError("%s_PROVIDER must be auto or one of %s, got %r" % (
                 config.name.upper(), ", ".join(DIALECTS), config.provider))
+        if config.api.lower() not in ("chat", "responses", "auto"):
+            raise ValueError("%s_API must be chat, responses or auto, got %r" % (
+                "OPENAI" if config.name == DEFAULT_PROVIDER else config.name.upper(), config.api))
     keyed = set(environ_keys)
     for setting in ("big_model", "middle_model", "small_model"):
         for entry in split_list(getattr(settings, setting)):
@@ -564,25 +576,158 @@ def upstream_error_message(payload: Any, fallback: str) -> str:
     return " ".join(text.split())[:300] or fallback
 
 
+def _error_object(payload: Any) -> Optional[Dict[str, Any]]:
+    """The error object of an upstream error body ({"error": {...}}, Gemini's list of those, or
+    the body itself), or None."""
+    inner = payload[0] if isinstance(payload, list) and payload else payload
+    inner = inner.get("error", inner) if isinstance(inner, dict) else None
+    return inner if isinstance(inner, dict) else None
+
+
+def _room(context: Any, prompt: Any) -> int:
+    """Output tokens left in a context window, less 1 % (some providers count approximately)."""
+    return int(context) - int(prompt) - int(context) // 100
+
+
+# Context-window wordings, each provider its own: (pattern, how to get (prompt tokens, context
+# tokens) from its groups, whether the output the request asked for counted too). When it did
+# and the prompt leaves room, the fault is max_tokens, which fix_from_error lowers; otherwise the
+# prompt itself does not fit, and Claude Code compacts the conversation when told so in
+# Anthropic's words.
+def _prompt_context(g: Any) -> Tuple[int, int]:
+    return int(g[0]), int(g[1])
+
+
+def _context_prompt(g: Any) -> Tuple[int, int]:
+    return int(g[1]), int(g[0])
+
+
+def _total_less_output(g: Any) -> Tuple[int, int]:
+    return int(g[1]) - int(g[2]), int(g[0])
+
+
+CONTEXT_WINDOW_PATTERNS = (
+    # OpenAI (and Azure, Groq): "...is N tokens. However, your messages resulted in M tokens."
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, your messages resulted in (\d{1,12}) tokens"),
+     _context_prompt, False),
+    # vLLM: "...is N tokens. However, your request has M input tokens. Please reduce..."
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, your request has (\d{1,12}) input tokens"),
+     _context_prompt, False),
+    # vLLM: "'max_tokens' ... is too large: X. ...is N tokens and your request has M input tokens (X > N - M)"
+    (re.compile(r"maximum context length is (\d{1,12}) tokens and your request has (\d{1,12}) input"),
+     _context_prompt, True),
+    # vLLM (newer): "...However, you requested X output tokens and your prompt contains at least M input tokens"
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested \d{1,12} output tokens "
+                r"and your prompt contains at least (\d{1,12}) input"), _context_prompt, True),
+    # OpenAI (older), DeepSeek, vLLM (older): "However, you requested T tokens (P in the messages,
+    # [F in the functions, and] C in the completion)": the prompt is T - C.
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested (\d{1,12}) tokens "
+                r"\([^)]*?(\d{1,12}) in the completion\)"), _total_less_output, True),
+    # OpenRouter: "However, you requested about T tokens (A of text input, [B of tool input,] C in the output)"
+    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested about (\d{1,12}) tokens "
+                r"\([^)]*?(\d{1,12}) in the output\)"), _total_less_output, True),
+    # OpenAI (old completions): "...is N tokens, however you requested T tokens (P in your prompt; C for the completion)"
+    (re.compile(r"maximum context length is (\d{1,12}) tokens, however you requested \d{1,12} tokens "
+                r"\((\d{1,12}) in your prompt"), _context_prompt, True),
+    # Gemini: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
+    (re.compile(r"input token count \((\d{1,12})\) exceeds the maximum number of tokens allowed \((\d{1,12})\)"),
+     _prompt_context, False),
+    # llama.cpp server: "request (N tokens) exceeds the available context size (M tokens), try increasing it"
+    (re.compile(r"request \((\d{1,12}) tokens\) exceeds (?:the available )?context size \((\d{1,12}) tokens\)"),
+     _prompt_context, False),
+    # Mistral: "Prompt contains N tokens[ and 0 draft tokens], too large for model with M maximum context length"
+    (re.compile(r"prompt contains (\d{1,12}) tokens[^.]{0,80}?too large for model with (\d{1,12}) maximum context length",
+                re.I), _prompt_context, False),
+    # LM Studio: "Trying to keep the first N tokens when context the overflows. However, the model is
+    # loaded with context length of only M tokens, which is not enough."
+    (re.compile(r"keep the first (\d{1,12}) tokens when context the overflows\. However, the model is loaded "
+                r"with context length of only (\d{1,12}) tokens"), _prompt_context, False),
+    # LM Studio (llama.cpp engine): "Cannot truncate prompt with n_keep (N) >= n_ctx (M)"
+    (re.compile(r"n_keep \((\d{1,12})\) >= n_ctx \((\d{1,12})\)"), _prompt_context, False),
+    # vLLM (engine): "The decoder prompt (length N) is longer than the maximum model length of M."
+    # and "Prompt length of N is longer than the maximum model length of M."
+    (re.compile(r"prompt (?:\(length |length of )(\d{1,12})\)? is longer than the maximum model length of (\d{1,12})",
+                re.I), _prompt_context, False),
+    # Anthropic-compatible upstreams (OpenRouter in front of Claude): already Anthropic's words
+    (re.compile(r"prompt is too long: (\d{1,12}) tokens > (\d{1,12}) maximum"), _prompt_context, False),
+)
+# Overflows said without both numbers: llama.cpp (older builds), Ollama ("prompt too long;
+# exceeded max context length by N tokens"), LM Studio (its own wording, and its MLX engine's).
+CONTEXT_OVERFLOW_WORDS = ("exceeds the available context size", "prompt too long; exceeded",
+                          "tokens to keep from the initial prompt is greater than the context length",
+                          "context size has been exceeded")
+# Error codes and types that say so whatever the message: OpenAI's and Groq's code (Groq's
+# message is only "Please reduce the length of the messages or completion."), llama.cpp's type
+# (which also carries n_prompt_tokens and n_ctx).
+CONTEXT_OVERFLOW_CODES = ("context_length_exceeded", "exceed_context_size_error")
+
+
+def context_window(message: str) -> Optional[Tuple[int, int, bool]]:
+    """(prompt tokens, context tokens, whether the requested output counted too) from a
+    context-window wording of CONTEXT_WINDOW_PATTERNS, or None."""
+    if "context" not in message and "maximum" not in message and "n_ctx" not in message:
+        return None
+    for pattern, numbers, with_output in CONTEXT_WINDOW_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            prompt, context = numbers(match.groups())
+            return prompt, context, with_output
+    return None
+
+
+def context_overflow(message: str, payload: Any = None) -> Optional[str]:
+    """Anthropic's message for an upstream error that says the prompt does not fit the model's
+    context window ("prompt is too long: N tokens > M maximum", or "prompt is too long: " and
+    the upstream's words when it gives no numbers), or None for any other error, including a
+    prompt that fits with room to spare when only the output asked for is too long (a retry
+    with a smaller max_tokens fixes that). `message` is the upstream's message
+    (upstream_error_message), `payload` its parsed error body or stream chunk."""
+    inner = _error_object(payload) or {}
+    window = context_window(message)
+    if window is None and inner.get("type") == "exceed_context_size_error":
+        # llama.cpp: the numbers are fields of the error object too.
+        prompt, context = inner.get("n_prompt_tokens"), inner.get("n_ctx")
+        if isinstance(prompt, int) and isinstance(context, int):
+            window = prompt, context, False
+    if window is not None:
+        prompt, context, with_output = window
+        if with_output and _room(context, prompt) > 0:
+            return None
+        if prompt > context:
+            return "prompt is too long: %d tokens > %d maximum" % (prompt, context)
+        return "prompt is too long: " + message
+    lower = message.lower()
+    if any(words in lower for words in CONTEXT_OVERFLOW_WORDS) \
+            or inner.get("code") in CONTEXT_OVERFLOW_CODES or inner.get("type") in CONTEXT_OVERFLOW_CODES:
+        return "prompt is too long: " + message
+    return None
+
+
 def upstream_error(status: int, body: bytes, retry_after: Optional[str]) -> ProxyError:
+    """The ProxyError for an upstream's error answer (or an error object in a 200 body): its
+    status mapped by UPSTREAM_STATUS_TO_ERROR and its message after "upstream: ", except a
+    context overflow, which is Anthropic's own 400 (context_overflow)."""
     try:
         payload = json.loads(body)
     except ValueError:
         payload = body.decode("utf-8", "replace")
     message = upstream_error_message(payload, "upstream returned HTTP %d" % status)
-    if status in UPSTREAM_STATUS_TO_ERROR:
-        client_status, error_type = UPSTREAM_STATUS_TO_ERROR[status]
-    elif status >= 500:
-        client_status, error_type = 502, "api_error"
+    overflow = context_overflow(message, payload)
+    if overflow is not None:
+        error = ProxyError(400, "invalid_request_error", overflow)
     else:
-        client_status, error_type = 400, "invalid_request_error"
-    headers = {"retry-after": retry_after} if retry_after else {}
-    error = ProxyError(client_status, error_type, "upstream: " + message, headers)
+        if status in UPSTREAM_STATUS_TO_ERROR:
+            client_status, error_type = UPSTREAM_STATUS_TO_ERROR[status]
+        elif status >= 500:
+            client_status, error_type = 502, "api_error"
+        else:
+            client_status, error_type = 400, "invalid_request_error"
+        headers = {"retry-after": retry_after} if retry_after else {}
+        error = ProxyError(client_status, error_type, "upstream: " + message, headers)
     # OpenAI's "insufficient_quota" is a 429 that no retry fixes.
     if status == 429 and "quota" in message.lower():
         error.headers["x-should-retry"] = "false"
-    inner = payload[0] if isinstance(payload, list) and payload else payload
-    inner = inner.get("error", inner) if isinstance(inner, dict) else None
+    inner = _error_object(payload)
     error.upstream_status = status
     error.param = inner.get("param") if isinstance(inner, dict) else None
     error.upstream_message = message
@@ -933,6 +1078,21 @@ def _function_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
     return {"type": "function", "function": function}
 
 
+def _is_function_tool(tool: Any) -> bool:
+    # Server tools (web_search_20250305, ...) run at Anthropic only.
+    return isinstance(tool, dict) and tool.get("type") in (None, "custom") and bool(tool.get("name"))
+
+
+def upstream_tools(request: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The request's tools as the function tools sent upstream (before a dialect cleans their
+    schemas): no server tool, and no defer_loading tool until a tool_reference in the
+    conversation has loaded it, as at Anthropic. Shared by to_openai and estimate_tokens, so
+    the estimate counts what is sent."""
+    loaded = loaded_tool_names(request.get("messages") or ())
+    return [_function_tool(tool) for tool in request.get("tools") or ()
+            if _is_function_tool(tool) and not (tool.get("defer_loading") and tool["name"] not in loaded)]
+
+
 def _tool_choice(choice: Dict[str, Any]) -> Any:
     kind = choice.get("type")
     if kind == "tool":
@@ -1034,19 +1194,13 @@ def to_openai(request: Dict[str, Any], settings: Settings,
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "output", "schema": clean_schema(schema) if dialect.clean_schemas else schema}}
 
-    tools = []
-    loaded = loaded_tool_names(request["messages"])
     for tool in request.get("tools") or ():
-        if tool.get("type") not in (None, "custom") or not tool.get("name"):
-            # Server tools (web_search_20250305, ...) run at Anthropic only.
+        if not _is_function_tool(tool):
             log.info("server tool %r dropped: the upstream cannot run it", tool.get("type"))
-            continue
-        if tool.get("defer_loading") and tool["name"] not in loaded:
-            continue        # as at Anthropic: hidden from the model until a tool_reference loads it
-        function_tool = _function_tool(tool)
-        if dialect.clean_schemas:
+    tools = upstream_tools(request)
+    if dialect.clean_schemas:
+        for function_tool in tools:
             function_tool["function"]["parameters"] = clean_schema(function_tool["function"]["parameters"])
-        tools.append(function_tool)
     choice = request.get("tool_choice")
     if tools:
         body["tools"] = tools
@@ -1229,36 +1383,20 @@ class ModelFixes:
 
 NO_FIXES = ModelFixes()
 # OpenAI reasoning models reject max_tokens, temperature and top_p.
-OPENAI_REASONING_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5(?!-chat))", re.I)
+OPENAI_REASONING_MODELS = re.compile(r"(^|/)(o[134]([-.]|$)|gpt-5(?!-chat)|codex-mini)", re.I)
 # Parameters a model may reject that the request can do without.
 DROPPABLE_PARAMETERS = ("temperature", "top_p", "stop", "stream_options", "parallel_tool_calls",
-                        "reasoning_effort", "reasoning", "tool_choice", "response_format")
+                        "reasoning_effort", "reasoning", "tool_choice", "response_format", "include")
 REJECTION_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "not permitted",
                    "extra inputs", "not allowed", "does not support", "invalid", "unavailable")
-def _room(context: Any, prompt: Any) -> int:
-    """Output tokens left in a context window, less 1 % (some providers count approximately)."""
-    return int(context) - int(prompt) - int(context) // 100
-
-
-# (pattern, how to get the limit from its groups, whether the limit is the model's own). A
-# limit derived from the context window minus this request's input holds for this request
+# (pattern, how to get the model's output limit from its groups). A limit derived from the
+# context window minus this request's input (CONTEXT_WINDOW_PATTERNS) holds for this request
 # only: it is used for the retry and never remembered.
 OUTPUT_LIMIT_PATTERNS = (
-    (re.compile(r"supports at most (\d{1,12}) completion tokens"), lambda g: int(g[0]), True),      # OpenAI
-    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d{1,12})\]"), lambda g: int(g[0]), True),  # DeepSeek
-    (re.compile(r"max_tokens`? must be less than or equal to `?(\d{1,12})"), lambda g: int(g[0]), True),  # Groq
-    (re.compile(r"max_tokens\W*:?\s*\d{1,12} > (\d{1,12}), which is the maximum allowed"), lambda g: int(g[0]), True),
-    (re.compile(r"maximum context length is (\d{1,12}) tokens and your request has (\d{1,12}) input"),  # vLLM
-     lambda g: _room(g[0], g[1]), False),
-    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested \d{1,12} tokens "
-                r"\((\d{1,12}) in the messages"), lambda g: _room(g[0], g[1]), False),
-    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested \d{1,12} output tokens "
-                r"and your prompt contains at least (\d{1,12}) input"), lambda g: _room(g[0], g[1]), False),  # vLLM
-    (re.compile(r"maximum context length is (\d{1,12}) tokens\. However, you requested about (\d{1,12}) tokens "
-                r"\([^)]*?(\d{1,12}) in the output\)"),                                             # OpenRouter
-     lambda g: _room(g[0], int(g[1]) - int(g[2])), False),
-    (re.compile(r"maximum context length is (\d{1,12}) tokens, however you requested \d{1,12} tokens "
-                r"\((\d{1,12}) in your prompt"), lambda g: _room(g[0], g[1]), False),                # OpenAI (old)
+    (re.compile(r"supports at most (\d{1,12}) completion tokens"), lambda g: int(g[0])),      # OpenAI
+    (re.compile(r"valid range of max_tokens is \[\d+, ?(\d{1,12})\]"), lambda g: int(g[0])),  # DeepSeek
+    (re.compile(r"max_tokens`? must be less than or equal to `?(\d{1,12})"), lambda g: int(g[0])),  # Groq
+    (re.compile(r"max_tokens\W*:?\s*\d{1,12} > (\d{1,12}), which is the maximum allowed"), lambda g: int(g[0])),
 )
 
 
@@ -1276,7 +1414,7 @@ def apply_fixes(body: Dict[str, Any], fixes: ModelFixes) -> Dict[str, Any]:
     if fixes.completion_tokens_field and "max_tokens" in body:
         body["max_completion_tokens"] = body.pop("max_tokens")
     if fixes.max_output:
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(key), int) and body[key] > fixes.max_output:
                 body[key] = fixes.max_output
     return body
@@ -1294,13 +1432,23 @@ def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Tup
     """(the fix an upstream 400 asks for, whether it holds for the model beyond this request),
     or (None, False) if the error names no parameter or limit we can fix."""
     lower = message.lower()
-    current = body.get("max_tokens") or body.get("max_completion_tokens")
+    current = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
     if isinstance(current, int):
-        for pattern, limit_of, model_wide in OUTPUT_LIMIT_PATTERNS:
+        for pattern, limit_of in OUTPUT_LIMIT_PATTERNS:
             match = pattern.search(message)
             if match:
                 limit = limit_of(match.groups())
-                return (ModelFixes(max_output=limit), model_wide) if 0 < limit < current else (None, False)
+                return (ModelFixes(max_output=limit), True) if 0 < limit < current else (None, False)
+        window = context_window(message)
+        if window is not None:
+            # Room left by this prompt: a fix for this request only. No room: an overflow
+            # (context_overflow), which no parameter fixes.
+            prompt, context, with_output = window
+            limit = _room(context, prompt) if with_output else 0
+            return (ModelFixes(max_output=limit), False) if 0 < limit < current else (None, False)
+    if "include" in body and "encrypted content is not supported" in lower:
+        # Responses API, a model without encrypted reasoning: the message names no parameter.
+        return ModelFixes(drop=frozenset(("include",))), True
     if not any(w in lower for w in REJECTION_WORDS):
         return None, False
     if "max_tokens" in body and "max_completion_tokens" in message and param in (None, "max_tokens"):
@@ -2013,13 +2161,773 @@ DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_
 
 
 # =============================================================================================
+# Responses API: the same translation for upstreams served at POST /v1/responses (pure)
+# =============================================================================================
+# OpenAI's codex and -pro models answer only at /v1/responses (Azure, vLLM, Ollama and
+# OpenRouter serve it too). The request and the answer are shaped differently from Chat
+# Completions, but the conversation rules above hold: merged turns, calls answered in call
+# order (a call with no result gets a synthetic one, a result with no call becomes user text),
+# mid-conversation system messages as <system-reminder> user text, server tools dropped.
+# Rules of this wire format:
+# - `system` -> `instructions`; messages -> `input` items: `message` items (`input_text`,
+#   `input_image`, `input_file` parts; assistant text as `output_text`), `function_call` /
+#   `function_call_output` items paired by `call_id`, `reasoning` items.
+# - Requests are stateless: `store: false` and `include: ["reasoning.encrypted_content"]`.
+#   Each reasoning item of an answer then comes back whole (id, summary, encrypted_content)
+#   and travels to the client inside the `signature` of its thinking block (prefix "ccpr1.",
+#   then the item as base64url JSON); Claude Code sends the block back unchanged and the item
+#   goes upstream again, byte for byte, at its place in the turn. Thinking blocks that carry
+#   no item are dropped (the upstream cannot take reasoning text).
+# - Tools are flat ({"type": "function", "name", ...}) and `strict: false`: the Responses API
+#   makes function tools strict by default, which rejects most of Claude Code's schemas.
+# - No stop sequences: the Responses API has no `stop` parameter.
+# - The answer: `reasoning` items -> thinking, `message` items -> text (refusal too, with
+#   stop_reason "refusal"), `function_call` items -> tool_use (id = call_id). An answer ends
+#   with `status` completed, incomplete (incomplete_details.reason) or failed (error.code).
+
+RESPONSES_SIGNATURE_PREFIX = "ccpr1."
+# Models served only by /v1/responses. "-pro" names are OpenAI's (o1-pro, o3-pro, gpt-5-pro):
+# elsewhere (OpenRouter, local servers) such a name may be served at /chat/completions.
+RESPONSES_ONLY_MODELS = re.compile(r"codex", re.I)
+PRO_MODELS = re.compile(r"-pro($|[-.@:])", re.I)
+RESPONSES_API_SETTINGS = ("chat", "responses", "auto")
+
+
+def uses_responses_api(model: str, dialect_name: str, api_setting: str) -> bool:
+    """Does the upstream model (the name sent upstream) take POST /responses? `api_setting`
+    is NAME_API: chat, responses, or auto (the Responses API for models served only there)."""
+    setting = api_setting.lower()
+    if setting not in RESPONSES_API_SETTINGS:
+        raise ValueError("the API setting must be one of %s, got %r" % (", ".join(RESPONSES_API_SETTINGS), api_setting))
+    if setting != "auto":
+        return setting == "responses"
+    return bool(RESPONSES_ONLY_MODELS.search(model)) or (
+        dialect_name in ("openai", "azure") and PRO_MODELS.search(model) is not None)
+
+
+def reasoning_signature(item: Dict[str, Any]) -> str:
+    """The thinking-block signature that carries a Responses reasoning item to the client."""
+    encoded = json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return RESPONSES_SIGNATURE_PREFIX + base64.urlsafe_b64encode(encoded).decode("ascii").rstrip("=")
+
+
+def reasoning_item_of(signature: Any) -> Optional[Dict[str, Any]]:
+    """The reasoning item a signature made by reasoning_signature() carries, else None (an
+    Anthropic signature, ours from the Chat path, or anything damaged)."""
+    if not isinstance(signature, str) or not signature.startswith(RESPONSES_SIGNATURE_PREFIX):
+        return None
+    encoded = signature[len(RESPONSES_SIGNATURE_PREFIX):]
+    try:
+        decoded = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        item = json.loads(decoded.decode("utf-8", "surrogatepass"))
+    except (ValueError, UnicodeDecodeError):     # (binascii.Error is a ValueError)
+        return None
+    return item if isinstance(item, dict) and item.get("type") == "reasoning" else None
+
+
+def _replayable(item: Dict[str, Any]) -> bool:
+    """Can the item go upstream again without server-side storage? OpenAI needs its
+    encrypted_content; vLLM's reasoning items carry their text as `content` instead."""
+    encrypted, content = item.get("encrypted_content"), item.get("content")
+    return (isinstance(encrypted, str) and bool(encrypted)) or (isinstance(content, list) and bool(content))
+
+
+def reasoning_text(item: Dict[str, Any]) -> str:
+    """The readable reasoning of an item: its summary parts, else its reasoning_text content
+    (vLLM, gpt-oss), joined by a blank line."""
+    for field in ("summary", "content"):
+        parts = item.get(field)
+        texts = [_string(p.get("text")) for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+        if any(texts):
+            return "\n\n".join(t for t in texts if t)
+    return ""
+
+
+def _thinking_block(item: Dict[str, Any], text: str) -> Optional[Dict[str, Any]]:
+    """The thinking block for a reasoning item: the item rides in the signature when it can
+    be replayed; otherwise the block is ours from the Chat path (dropped on the way back)."""
+    if _replayable(item):
+        return {"type": "thinking", "thinking": text, "signature": reasoning_signature(item)}
+    if text:
+        return {"type": "thinking", "thinking": text, "signature": thinking_signature(text)}
+    return None
+
+
+RESPONSES_PARTS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
+    "text": lambda p: {"type": "input_text", "text": p["text"]},
+    # OpenAI's input_image requires `detail`.
+    "image_url": lambda p: {"type": "input_image", "image_url": p["image_url"]["url"], "detail": "auto"},
+    "file": lambda p: {"type": "input_file", "filename": p["file"]["filename"], "file_data": p["file"]["file_data"]},
+}
+
+
+def _input_parts(parts: List[Dict[str, Any]], dialect: Dialect) -> List[Dict[str, Any]]:
+    """Chat content parts (from the shared block handlers) as Responses input parts."""
+    if not dialect.accepts_pdf and any(p["type"] == "file" for p in parts):
+        # Ollama's /v1/responses: "file inputs are not currently supported".
+        raise _invalid("the upstream provider (%s) does not take PDF documents; send the text of the "
+                       "document instead, or use a provider that reads PDFs" % dialect.name)
+    return [RESPONSES_PARTS[p["type"]](p) for p in parts]
+
+
+def _add_user_parts(items: List[Dict[str, Any]], parts: List[Dict[str, Any]]) -> None:
+    """Add a user message, merged into the last item when that is a user message already."""
+    if not parts:
+        return
+    last = items[-1] if items else None
+    if last is not None and last.get("type") == "message" and last["role"] == "user":
+        items[-1] = dict(last, content=last["content"] + parts)
+    else:
+        items.append({"type": "message", "role": "user", "content": list(parts)})
+
+
+def _call_id(tool_use_id: str, dialect: Dialect) -> str:
+    return _upstream_call_id(split_signature(tool_use_id)[0], dialect)
+
+
+def _answer_function_calls(items: List[Dict[str, Any]], pending: List[str], results: Dict[str, str],
+                           dialect: Dialect) -> None:
+    """One function_call_output per pending call, in call order; an unanswered call gets a
+    synthetic one (OpenAI: 400 "No tool output found for function call call_...")."""
+    for call_id in pending:
+        if call_id not in results:
+            log.debug("history repair: tool call %s had no result", call_id)
+        items.append({"type": "function_call_output", "call_id": _call_id(call_id, dialect),
+                      "output": results.get(call_id, INTERRUPTED_RESULT)})
+
+
+def _assistant_items(content: Any, where: str, dialect: Dialect) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """(input items of one assistant turn in block order, the tool_use ids it calls)."""
+    items: List[Dict[str, Any]] = []
+    texts: List[str] = []
+    calls: List[str] = []
+
+    def flush_text() -> None:
+        if texts:
+            # Azure and vLLM validate output_text strictly: `annotations` is required there.
+            items.append({"type": "message", "role": "assistant", "content": [
+                {"type": "output_text", "text": "\n\n".join(texts), "annotations": []}]})
+            del texts[:]
+
+    for block in _blocks(content, where):
+        kind = block.get("type")
+        if kind == "text":
+            if block.get("text"):
+                texts.append(block["text"])
+        elif kind == "tool_use":
+            flush_text()
+            call = _tool_call(block)
+            calls.append(call["id"])
+            items.append({"type": "function_call", "call_id": _call_id(call["id"], dialect),
+                          "name": call["function"]["name"], "arguments": call["function"]["arguments"]})
+        elif kind == "thinking":
+            item = reasoning_item_of(block.get("signature"))
+            if item is not None:                  # reasoning this upstream format produced
+                flush_text()
+                items.append(item)
+        elif kind in ("redacted_thinking", "server_tool_use"):
+            continue
+        else:
+            texts.extend(p["text"] for p in _user_block_parts(block, where) if p["type"] == "text")
+    flush_text()
+    while items and items[-1]["type"] == "reasoning":
+        # OpenAI: 400 "Item rs_... of type reasoning was provided without its required following
+        # item" (an answer cut after its reasoning, or whose other blocks were dropped).
+        items.pop()
+    return items, calls
+
+
+def responses_input(messages: List[Any], dialect: Dialect) -> List[Dict[str, Any]]:
+    """Anthropic `messages` -> Responses `input` items (the conversation rules of to_openai)."""
+    items: List[Dict[str, Any]] = []
+    pending: List[str] = []        # tool_use ids of the last assistant turn, not yet answered
+    for role, content, where in _merged_turns(messages):
+        if role == "assistant":
+            if pending:
+                _answer_function_calls(items, pending, {}, dialect)
+            turn, pending = _assistant_items(content, where, dialect)
+            items.extend(turn)
+        elif role == "user":
+            results: Dict[str, str] = {}
+            orphans: List[Dict[str, Any]] = []
+            images: List[Dict[str, Any]] = []
+            parts: List[Dict[str, Any]] = []
+            for block in _blocks(content, where):
+                if block.get("type") == "tool_result":
+                    text, result_images = _tool_result(block, where)
+                    call_id = block.get("tool_use_id") or ""
+                    images.extend(result_images)
+                    if call_id in pending and call_id not in results:
+                        results[call_id] = text
+                    else:
+                        # OpenAI: 400 "No tool call found for function call output with call_id".
+                        log.debug("history repair: tool result %s has no call before it", call_id)
+                        orphans.append(_text_part("[Result of tool call %s]\n%s" % (call_id, text)))
+                else:
+                    parts.extend(_user_block_parts(block, where))
+            if pending:
+                _answer_function_calls(items, pending, results, dialect)
+                pending = []
+            _add_user_parts(items, _input_parts(orphans + images + parts, dialect))
+        elif role == "system":
+            text = text_of(content)
+            if text:
+                if pending:
+                    _answer_function_calls(items, pending, {}, dialect)
+                    pending = []
+                _add_user_parts(items, [{"type": "input_text", "text": _system_reminder(text)}])
+        else:
+            raise _invalid("%s: role must be 'user', 'assistant' or 'system', got %r" % (where, role))
+    if pending:
+        _answer_function_calls(items, pending, {}, dialect)
+    return items
+
+
+def _responses_tools(request: Dict[str, Any], dialect: Dialect) -> List[Dict[str, Any]]:
+    tools = []
+    loaded = loaded_tool_names(request["messages"])
+    for tool in request.get("tools") or ():
+        if tool.get("type") not in (None, "custom") or not tool.get("name"):
+            log.info("server tool %r dropped: the upstream cannot run it", tool.get("type"))
+            continue
+        if tool.get("defer_loading") and tool["name"] not in loaded:
+            continue        # as at Anthropic: hidden from the model until a tool_reference loads it
+        function = _function_tool(tool)["function"]
+        if dialect.clean_schemas:
+            function["parameters"] = clean_schema(function["parameters"])
+        tools.append(dict(function, type="function", strict=False))
+    return tools
+
+
+def _responses_tool_choice(choice: Dict[str, Any]) -> Any:
+    if choice.get("type") == "tool":
+        return {"type": "function", "name": choice.get("name") or ""}
+    return TOOL_CHOICE.get(choice.get("type"), "auto")
+
+
+def to_responses(request: Dict[str, Any], settings: Settings, dialect: Dialect, model: str = "") -> Dict[str, Any]:
+    """A validated Anthropic Messages request -> a Responses API request (a new dict) for
+    upstream `model` (default: the first of the tier's chain)."""
+    model = model or model_chain(map_model(request["model"], settings), (p.name for p in settings.providers))[0].model
+    body: Dict[str, Any] = {"model": model}
+    instructions = _system_text(request.get("system"))
+    if instructions:
+        body["instructions"] = instructions
+    body["input"] = responses_input(request["messages"], dialect)
+    # Stateless: nothing is kept upstream, and each reasoning item comes back whole.
+    body["store"] = False
+    body["include"] = ["reasoning.encrypted_content"]
+
+    max_tokens = request.get("max_tokens")
+    if max_tokens is not None:
+        if settings.max_tokens_limit:
+            max_tokens = min(max_tokens, settings.max_tokens_limit)
+        body["max_output_tokens"] = max_tokens
+    for name in ("temperature", "top_p"):
+        if request.get(name) is not None:
+            body[name] = request[name]
+    if request.get("stream"):
+        body["stream"] = True
+    effort = reasoning_effort(request)
+    thinking = request.get("thinking") if isinstance(request.get("thinking"), dict) else {}
+    if effort or thinking.get("type") in ("enabled", "adaptive"):
+        body["reasoning"] = dict({"effort": effort} if effort else {}, summary="auto")
+
+    config = request.get("output_config") if isinstance(request.get("output_config"), dict) else {}
+    output_format = config.get("format") or request.get("output_format")
+    if isinstance(output_format, dict) and output_format.get("type") == "json_schema" \
+            and isinstance(output_format.get("schema"), dict):
+        schema = output_format["schema"]
+        body["text"] = {"format": {"type": "json_schema", "name": "output",
+                                   "schema": clean_schema(schema) if dialect.clean_schemas else schema}}
+
+    tools = _responses_tools(request, dialect)
+    choice = request.get("tool_choice")
+    if tools:
+        body["tools"] = tools
+        if isinstance(choice, dict):
+            body["tool_choice"] = _responses_tool_choice(choice)
+            if choice.get("disable_parallel_tool_use") and choice.get("type") != "none":
+                body["parallel_tool_calls"] = False
+    return body
+
+
+# error.code of a failed response or an `error` event -> the HTTP status it stands for
+RESPONSES_ERROR_STATUS = {
+    "rate_limit_exceeded": 429, "insufficient_quota": 429, "server_error": 500,
+    "server_is_overloaded": 503, "overloaded": 503, "slow_down": 503,
+    "context_length_exceeded": 400, "invalid_prompt": 400, "invalid_encrypted_content": 400,
+    "invalid_request_error": 400, "vector_store_timeout": 504,
+}
+# (prefix of an error code, status): OpenAI's image errors and other refusals of the input
+RESPONSES_ERROR_PREFIXES = (("invalid_", 400), ("image_", 400), ("empty_image", 400),
+                            ("unsupported_", 400), ("failed_to_download", 400))
+INCOMPLETE_TO_STOP = {"max_output_tokens": "max_tokens", "content_filter": "refusal"}
+
+
+def responses_error(error: Any, fallback: str) -> ProxyError:
+    """The ProxyError for a Responses error object ({"code", "message"}), by its code."""
+    code = error.get("code") if isinstance(error, dict) else None
+    status = RESPONSES_ERROR_STATUS.get(code) if isinstance(code, str) else code
+    if not isinstance(status, int) or not 400 <= status < 600:
+        status = next((s for prefix, s in RESPONSES_ERROR_PREFIXES
+                       if isinstance(code, str) and code.startswith(prefix)), 502)
+    payload = {"error": error if isinstance(error, dict) else {"message": fallback}}
+    return upstream_error(status, json_bytes(payload), None)
+
+
+def responses_usage(usage: Any) -> Any:
+    """Responses usage in the Chat Completions shape usage_to_anthropic() reads."""
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("input_tokens_details")
+    cached = {"cached_tokens": details.get("cached_tokens")} if isinstance(details, dict) else None
+    return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
+            "prompt_tokens_details": cached}
+
+
+def _message_text(item: Dict[str, Any]) -> Tuple[str, bool]:
+    """(the text of a message item, whether any of it is a refusal)."""
+    texts, refused = [], False
+    for part in item.get("content") if isinstance(item.get("content"), list) else ():
+        if isinstance(part, dict):
+            if part.get("type") == "refusal":
+                texts.append(_string(part.get("refusal")))
+                refused = True
+            else:
+                texts.append(_string(part.get("text")))
+    return "".join(texts), refused
+
+
+def responses_to_anthropic(response: Dict[str, Any], ctx: ResponseContext,
+                           new_tool_id: Callable[[], str]) -> Dict[str, Any]:
+    """A Responses API answer -> an Anthropic message. Raises ProxyError for a failed one."""
+    status = response.get("status")
+    if response.get("error") or status == "failed":
+        raise responses_error(response.get("error"), "upstream response failed")
+    if status in ("cancelled", "queued", "in_progress"):
+        raise ProxyError(502, "api_error", "upstream response is %s, not finished" % status)
+    output = response.get("output")
+    if not isinstance(output, list):
+        raise ProxyError(502, "api_error", "upstream answer has no output")
+    content: List[Dict[str, Any]] = []
+    used_ids = set(ctx.history_tool_ids)
+    refused = has_calls = False
+    for item in output:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "reasoning":
+            block = _thinking_block(item, reasoning_text(item))
+            if block:
+                content.append(block)
+        elif kind == "message":
+            text, refusal = _message_text(item)
+            refused = refused or refusal
+            if text.strip():
+                content.append({"type": "text", "text": text})
+        elif kind == "function_call":
+            name, arguments = _string(item.get("name")), item.get("arguments")
+            if not name:
+                if arguments in (None, "", {}):
+                    continue
+                raise ProxyError(502, "api_error", "upstream returned a function call without a name")
+            call_id = _string(item.get("call_id"))
+            if not call_id or call_id in used_ids:   # missing, or reused from an earlier turn
+                call_id = new_tool_id()
+            used_ids.add(call_id)
+            has_calls = True
+            content.append({"type": "tool_use", "id": call_id, "name": name,
+                            "input": parse_tool_arguments(arguments)})
+    details = response.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, dict) else None
+    if status == "incomplete":
+        stop_reason = INCOMPLETE_TO_STOP.get(reason, "end_turn")
+    else:
+        stop_reason = "tool_use" if has_calls else "refusal" if refused else "end_turn"
+    return {"id": ctx.message_id, "type": "message", "role": "assistant", "model": ctx.model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": usage_to_anthropic(responses_usage(response.get("usage")), ctx.input_tokens)}
+
+
+class _OutputItem:
+    """One item of a streamed answer (by output_index), and what of it went to the client."""
+    __slots__ = ("index", "kind", "item", "done", "block", "pending", "fragments", "sent",
+                 "thinking", "source", "summary_index", "held")
+
+    def __init__(self, index: Any, item: Dict[str, Any]) -> None:
+        self.index = index
+        self.kind = item.get("type")            # "reasoning", "message", "function_call", other
+        self.item = item                        # the latest whole item (complete at .done)
+        self.done = False                       # output_item.done (or the response's end) seen
+        self.block: Optional[int] = None        # its content block index once opened
+        self.pending: List[Tuple[str, str, Any]] = []   # deltas held while another item streams
+        self.fragments: List[str] = []          # function_call arguments received
+        self.sent = 0                           # of which sent to the client
+        self.thinking: List[str] = []           # reasoning text sent
+        self.source: Optional[str] = None       # "summary" or "content": the reasoning text used
+        self.summary_index: Any = None
+        self.held = ""                          # leading whitespace of a message, not yet sent
+
+
+class ResponsesStreamTranslator:
+    """Parsed Responses API stream events in, Anthropic SSE events (dicts) out. No I/O.
+
+    The same interface as StreamTranslator: ``start()``, ``feed(event)`` (the parsed `data` of
+    each SSE event; its name is in `type`), ``finish(done)``, ``fail(type, message)``,
+    ``ended``, ``result`` (a StreamEnd) and ``chunks_seen``. The answer ends at the upstream's
+    terminal event (``response.completed`` / ``response.incomplete`` / ``response.failed`` /
+    ``error``), inside ``feed``; ``finish`` after that adds nothing, and without one it is a
+    cut (an error event). OpenAI sends no [DONE] (some gateways send one after the end), so
+    ``done`` changes nothing here.
+
+    The upstream streams output items, each opened by ``response.output_item.added`` and
+    closed by ``response.output_item.done``, which carries the whole item. One item at a time
+    owns the client's stream (``self.active``); an item added while another is active
+    (parallel calls interleaved) waits in ``self.queue`` with its deltas held, and goes out
+    whole, in order, once the active one is done::
+
+                         output_item.added                  output_item.done
+        (no active) ───────────────────────▶ active item ────────────────────▶ (no active)
+              ▲              reasoning: open thinking         reasoning: signature_delta
+              │              function_call: open tool_use     (the item, encrypted_content
+              │              message: (text block opens at    and all), then close
+              │                        its first text)        call: "{}" if no arguments
+              │                                               next queued item becomes active
+              └── deltas of the active item go out at once; others wait with their item
+        any state ── response.completed / incomplete ──▶ every item closed in order,
+                                                           message_delta, message_stop
+        any state ── response.failed / error / finish() before the end ──▶ error event
+
+    Deltas: output_text and refusal -> text_delta (a refusal makes stop_reason "refusal");
+    reasoning_summary_text (a blank line between summary parts) or reasoning_text (vLLM's raw
+    reasoning; the first of the two an item sends is used) -> thinking_delta;
+    function_call_arguments -> input_json_delta. What an item never streamed but has at its
+    .done (LM Studio sends a call's arguments only in .done; some servers send whole items)
+    goes out then. Items that appear only in the response of ``response.completed`` go out
+    at the end, as do items whose .done never came (taken from that response when there).
+    A call whose arguments do not add up to a JSON object ends the stream in an error, as
+    in StreamTranslator: its fragments went out already.
+    """
+
+    def __init__(self, ctx: ResponseContext, new_tool_id: Callable[[], str]) -> None:
+        self.ctx = ctx
+        self.new_tool_id = new_tool_id
+        self.items: Dict[Any, _OutputItem] = {}       # by output_index
+        self.items_by_id: Dict[str, _OutputItem] = {}
+        self.active: Optional[_OutputItem] = None
+        self.queue: List[_OutputItem] = []
+        self.open: Optional[str] = None               # kind of the open block: thinking, text, tool
+        self.next_index = 0
+        self.used_ids = set(ctx.history_tool_ids)
+        self.has_calls = False
+        self.refused = False
+        self.output_chars = 0
+        self.chunks_seen = 0
+        self.ended = False
+        self.result: Optional[StreamEnd] = None
+
+    # -- events ---------------------------------------------------------------------------
+
+    def start(self) -> List[Dict[str, Any]]:
+        usage = {"input_tokens": self.ctx.input_tokens, "output_tokens": 0,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        return [{"type": "message_start", "message": {
+            "id": self.ctx.message_id, "type": "message", "role": "assistant",
+            "model": self.ctx.model, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": usage}}, {"type": "ping"}]
+
+    def feed(self, event: Dict[str, Any]) -> List[Dict[str, Any]]:
+        self.chunks_seen += 1
+        if self.ended:
+            return []
+        handler = self.HANDLERS.get(event.get("type")) if isinstance(event, dict) else None
+        events: List[Dict[str, Any]] = []
+        if handler is not None:
+            handler(self, event, events)
+        return events
+
+    def finish(self, done: bool = True) -> List[Dict[str, Any]]:
+        """At the end of the upstream stream: nothing if the answer ended, else an error."""
+        if self.ended:
+            return []
+        # A cut connection must not look like a finished answer.
+        return self.fail("api_error", "the upstream closed the stream after %d events, before the "
+                                      "answer ended" % self.chunks_seen)
+
+    def fail(self, error_type: str, message: str) -> List[Dict[str, Any]]:
+        if self.ended:
+            return []
+        self.ended = True
+        error = {"type": error_type, "message": message}
+        self.result = StreamEnd(error=error)
+        return [{"type": "error", "error": error}]
+
+    # -- upstream events ------------------------------------------------------------------
+
+    def _item_for(self, event: Dict[str, Any]) -> Optional[_OutputItem]:
+        index = event.get("output_index")
+        if isinstance(index, (int, str)) and index in self.items:
+            return self.items[index]
+        item_id = event.get("item_id")
+        return self.items_by_id.get(item_id) if isinstance(item_id, str) else None
+
+    def _register(self, index: Any, item: Dict[str, Any]) -> _OutputItem:
+        if not isinstance(index, (int, str)) or index in self.items:
+            index = "auto%d" % len(self.items)
+        out = _OutputItem(index, item)
+        self.items[index] = out
+        if isinstance(item.get("id"), str):
+            self.items_by_id[item["id"]] = out
+        if out.kind in ("reasoning", "message", "function_call"):
+            self.queue.append(out)              # other kinds (server tools) are not shown
+        return out
+
+    def _added(self, event: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
+        item = event.get("item")
+        if isinstance(item, dict):
+            self._register(event.get("output_index"), item)
+            self._advance(events)
+
+    def _delta(self, event: Dict[str, Any], kind: str, events: List[Dict[str, Any]]) -> None:
+        text = event.get("delta")
+        if not isinstance(text, str) or not text:
+            return
+        out = self._item_for(event)
+        if out is None:
+            if kind == "arguments":
+                return                          # a call we never saw named: nothing to call
+            # A server that streams deltas without output_item.added.
+            out = self._register(event.get("output_index"), {
+                "type": "message" if kind in ("text", "refusal") else "reasoning"})
+            self._advance(events)
+        if out is self.active:
+            self._emit(out, kind, text, event.get("summary_index"), events)
+        elif out in self.queue:
+            out.pending.append((kind, text, event.get("summary_index")))
+
+    def _arguments_done(self, event: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
+        out = self._item_for(event)
+        arguments = event.get("arguments")
+        if out is not None and not out.fragments and not any(p[0] == "arguments" for p in out.pending) \
+                and isinstance(arguments, str) and arguments:
+            # LM Studio: the arguments come whole, only here.
+            self._delta(dict(event, delta=arguments), "arguments", events)
+
+    def _done(self, event: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
+        item = event.get("item")
+        out = self._item_for(event) or (self._item_for(dict(event, item_id=item.get("id")))
+                                        if isinstance(item, dict) else None)
+        if out is None:
+            if not isinstance(item, dict):
+                return
+            out = self._register(event.get("output_index"), item)   # a whole item, never added
+        elif isinstance(item, dict):
+            out.item = item
+        out.done = True
+        if out is self.active:
+            self._finish_item(out, events)
+        self._advance(events)
+
+    def _end(self, event: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
+        response = event.get("response") if isinstance(event.get("response"), dict) else {}
+        output = response.get("output") if isinstance(response.get("output"), list) else []
+        if any(not isinstance(key, int) for key in self.items):
+            output = []                          # items seen without an output_index: no telling which is which
+        for index, item in enumerate(output):
+            if not isinstance(item, dict):
+                continue
+            out = self.items.get(index)
+            if out is None:
+                out = self._register(index, item)
+            elif not out.done and out.kind == item.get("type"):
+                out.item = item                  # the whole item, encrypted_content included
+        for out in self.items.values():
+            out.done = True
+        if self.active is not None:
+            self._finish_item(self.active, events)
+        self._advance(events)
+        if self.ended:
+            return
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        if event.get("type") == "response.incomplete":
+            stop_reason = INCOMPLETE_TO_STOP.get(reason, "end_turn")
+        else:
+            stop_reason = "tool_use" if self.has_calls else "refusal" if self.refused else "end_turn"
+        usage = usage_to_anthropic(responses_usage(response.get("usage")), self.ctx.input_tokens)
+        upstream_usage = response.get("usage")
+        if not isinstance(upstream_usage, dict) or _count(upstream_usage.get("output_tokens")) is None:
+            usage["output_tokens"] = max(self.output_chars // 4, 1)
+        events.append({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                       "usage": usage})
+        events.append({"type": "message_stop"})
+        self.ended = True
+        self.result = StreamEnd(stop_reason, None, usage)
+
+    def _failed(self, event: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
+        response = event.get("response") if isinstance(event.get("response"), dict) else {}
+        self._error(response.get("error"), events)
+
+    def _error_event(self, event: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
+        # OpenAI: {"type": "error", "code", "message", "param"}; some servers nest {"error": {...}}.
+        self._error(event["error"] if isinstance(event.get("error"), dict) else event, events)
+
+    def _error(self, error: Any, events: List[Dict[str, Any]]) -> None:
+        exc = responses_error(error, "upstream response failed")
+        events.extend(self.fail(exc.error_type, exc.message))
+
+    # -- transitions ----------------------------------------------------------------------
+
+    def _advance(self, events: List[Dict[str, Any]]) -> None:
+        """Make the next queued item active while none is; a done one goes out whole."""
+        while self.active is None and self.queue and not self.ended:
+            out = self.queue.pop(0)
+            self.active = out
+            self._begin(out, events)
+            pending, out.pending = out.pending, []
+            for kind, text, summary_index in pending:
+                if kind == "arguments" and out.kind == "function_call":
+                    out.fragments.append(text)  # held arguments go out as one delta
+                else:
+                    self._emit(out, kind, text, summary_index, events)
+            if out.block is not None and out.kind == "function_call":
+                self._send_arguments(out, events)
+            if out.done:
+                self._finish_item(out, events)
+
+    def _begin(self, out: _OutputItem, events: List[Dict[str, Any]]) -> None:
+        if out.kind == "reasoning":
+            out.block = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, events)
+        elif out.kind == "function_call" and _string(out.item.get("name")):
+            self._open_call(out, events)
+
+    def _open_call(self, out: _OutputItem, events: List[Dict[str, Any]]) -> None:
+        call_id = _string(out.item.get("call_id"))
+        if not call_id or call_id in self.used_ids:   # missing, or reused from an earlier turn
+            call_id = self.new_tool_id()
+        self.used_ids.add(call_id)
+        self.has_calls = True
+        out.block = self._open("tool", {"type": "tool_use", "id": call_id, "name": out.item["name"],
+                                        "input": {}}, events)
+        self._send_arguments(out, events)
+
+    def _send_arguments(self, out: _OutputItem, events: List[Dict[str, Any]]) -> None:
+        if out.sent < len(out.fragments):
+            fragment = "".join(out.fragments[out.sent:])
+            out.sent = len(out.fragments)
+            self.output_chars += len(fragment)
+            events.append({"type": "content_block_delta", "index": out.block,
+                           "delta": {"type": "input_json_delta", "partial_json": fragment}})
+
+    def _emit(self, out: _OutputItem, kind: str, text: str, summary_index: Any,
+              events: List[Dict[str, Any]]) -> None:
+        """One delta of the active item to the client."""
+        if kind == "arguments":
+            if out.kind == "function_call":
+                out.fragments.append(text)
+                if out.block is not None:
+                    self._send_arguments(out, events)
+        elif kind in ("text", "refusal"):
+            if out.kind != "message":
+                return
+            if kind == "refusal":
+                self.refused = True
+            if out.block is None:
+                out.held += text                # whitespace alone makes no block
+                if not out.held.strip():
+                    return
+                text, out.held = out.held, ""
+                out.block = self._open("text", {"type": "text", "text": ""}, events)
+            self.output_chars += len(text)
+            events.append({"type": "content_block_delta", "index": out.block,
+                           "delta": {"type": "text_delta", "text": text}})
+        elif out.kind == "reasoning":           # "summary" or "content"
+            if out.source is None:
+                out.source = kind
+            elif out.source != kind:
+                return                          # the same reasoning told twice: keep one
+            if kind == "summary" and out.thinking and summary_index != out.summary_index:
+                text = "\n\n" + text            # the next summary part
+            out.summary_index = summary_index
+            out.thinking.append(text)
+            self.output_chars += len(text)
+            events.append({"type": "content_block_delta", "index": out.block,
+                           "delta": {"type": "thinking_delta", "thinking": text}})
+
+    def _finish_item(self, out: _OutputItem, events: List[Dict[str, Any]]) -> None:
+        """Close the active item's block, sending first what only its final form holds."""
+        self.active = None
+        final = out.item
+        if out.kind == "reasoning":
+            if not out.thinking:
+                text = reasoning_text(final)
+                if text:
+                    self._emit(out, "summary", text, None, events)
+            signature = reasoning_signature(final) if _replayable(final) else \
+                thinking_signature("".join(out.thinking))
+            events.append({"type": "content_block_delta", "index": out.block,
+                           "delta": {"type": "signature_delta", "signature": signature}})
+        elif out.kind == "function_call":
+            if out.block is None:
+                if not _string(final.get("name")):
+                    if _string(final.get("arguments")).strip() or "".join(out.fragments).strip():
+                        events.extend(self.fail("api_error", "upstream sent a function call without a name"))
+                    return
+                self._open_call(out, events)
+            if not out.fragments:
+                arguments = final.get("arguments")
+                out.fragments.append(arguments if isinstance(arguments, str) and arguments else "{}")
+                self._send_arguments(out, events)
+            if not isinstance(_loads_or_none(out.fragments), dict):
+                # Sent already; ending normally would hand the client input that is no object.
+                events.extend(self.fail("api_error", "upstream sent function call arguments that are "
+                                                     "not a complete JSON object"))
+                return
+        elif out.kind == "message":
+            if out.block is None and not out.held:
+                text, refusal = _message_text(final)
+                if text:
+                    self._emit(out, "refusal" if refusal else "text", text, None, events)
+            if out.block is None:
+                return
+        self._close(events)
+
+    def _open(self, kind: str, content_block: Dict[str, Any], events: List[Dict[str, Any]]) -> int:
+        index = self.next_index
+        self.next_index += 1
+        self.open = kind
+        events.append({"type": "content_block_start", "index": index, "content_block": content_block})
+        return index
+
+    def _close(self, events: List[Dict[str, Any]]) -> None:
+        if self.open is not None:
+            events.append({"type": "content_block_stop", "index": self.next_index - 1})
+            self.open = None
+
+    HANDLERS: Dict[str, Callable[..., None]] = {
+        "response.output_item.added": _added,
+        "response.output_item.done": _done,
+        "response.output_text.delta": lambda self, e, ev: self._delta(e, "text", ev),
+        "response.refusal.delta": lambda self, e, ev: self._delta(e, "refusal", ev),
+        "response.reasoning_summary_text.delta": lambda self, e, ev: self._delta(e, "summary", ev),
+        "response.reasoning_text.delta": lambda self, e, ev: self._delta(e, "content", ev),
+        "response.function_call_arguments.delta": lambda self, e, ev: self._delta(e, "arguments", ev),
+        "response.function_call_arguments.done": _arguments_done,
+        "response.completed": _end,
+        "response.incomplete": _end,
+        "response.failed": _failed,
+        "error": _error_event,
+    }
+
+
+# =============================================================================================
 # Tokens
 # =============================================================================================
 # An estimate, used for count_tokens and the input_tokens of message_start (the final
 # message_delta always carries the upstream's real counts).
 #
-# The request is counted as the upstream sees it after to_openai(): the system text, each
-# message's text, tool-call arguments as JSON, tool results, and the tools as JSON (what the
+# The request is counted as the upstream sees it after to_openai(): the system text
+# (_system_text), each message's text, tool-call arguments as JSON, tool results, and the tools
+# to_openai sends (upstream_tools: no server tools, no tools deferred and not loaded) as JSON (what the
 # chat templates of vLLM, llama.cpp, Ollama... render), plus the chat format's per-message
 # tokens. The text is classified byte by byte (its UTF-8 bytes translated to class bits, then
 # counted with big-integer masks and popcounts, all at C speed) into counts of characters by class
@@ -2227,15 +3135,10 @@ def estimate_tokens(request: Dict[str, Any]) -> int:
     arguments: List[Any] = []
     messages = calls = images = 0
     fixed = REPLY_TOKENS
-    system = request.get("system")
-    if isinstance(system, str):
-        system = [{"text": system}]
-    if isinstance(system, list):
-        parts = [b["text"] for b in system if isinstance(b, dict) and isinstance(b.get("text"), str)
-                 and b["text"] and not b["text"].startswith(BILLING_HEADER_PREFIX)]
-        if parts:
-            add("\n\n".join(parts))
-            messages += 1
+    system = _system_text(request.get("system"))
+    if system:
+        add(system)
+        messages += 1
     for message in request.get("messages") or ():
         if not isinstance(message, dict):
             continue
@@ -2276,10 +3179,7 @@ def estimate_tokens(request: Dict[str, Any]) -> int:
             messages += 1
             if message.get("role") == "system":
                 fixed += REMINDER_TOKENS
-    tools = [{"type": "function", "function": {"name": t["name"], "parameters": t.get("input_schema") or {},
-                                                 "description": t.get("description") or ""}}
-             for t in request.get("tools") or ()
-             if isinstance(t, dict) and t.get("type") in (None, "custom") and t.get("name")]
+    tools = upstream_tools(request)
     fixed += MESSAGE_TOKENS * messages + CALL_TOKENS * calls + IMAGE_TOKENS * images
     return max(int(fixed + _estimate(texts, (tools + arguments) or None) + 0.5), 1)
 
@@ -2593,7 +3493,7 @@ class Upstream:
         self.origin = self.pool.origin
         self.dialect = resolve_dialect(settings, "", config)
         self.keys = KeyRing(config.api_keys)
-        self.chat_path = self.path("/chat/completions")
+        self.paths = {"chat": self.path("/chat/completions"), "responses": self.path("/responses")}
         self.headers = [self._headers(key) for key in self.keys.keys]
         self.cool_until = 0.0
         self.last_error = ""
@@ -2647,14 +3547,27 @@ class Upstream:
         if self.learned[model] != before:
             log.info("model %s: %s from now on (upstream said: %s)", model, describe_fix(fix), reason[:200])
 
-    def build(self, request: Dict[str, Any], model: str, stream: bool = True, cache_key: str = "") -> Dict[str, Any]:
-        """The request as this provider's `model` takes it. stream=False: ask for a whole
-        answer even when the client streams (UPSTREAM_STREAMING=off). `cache_key`: see to_openai."""
-        body = apply_fixes(to_openai(request, self.settings, self.dialect_for(model), model, cache_key),
-                           self.fixes_for(model))
+    def wire(self, model: str) -> str:
+        """The wire format `model` is reached by here: "chat" or "responses" (NAME_API)."""
+        return "responses" if uses_responses_api(model, self.dialect_for(model).name, self.config.api) else "chat"
+
+    def build(self, request: Dict[str, Any], model: str, stream: bool = True,
+              cache_key: str = "") -> Tuple[str, Dict[str, Any]]:
+        """(wire format, the request as this provider's `model` takes it). stream=False: ask for
+        a whole answer even when the client streams (UPSTREAM_STREAMING=off). `cache_key`
+        (Claude Code's session id): see to_openai."""
+        wire = self.wire(model)
+        dialect = self.dialect_for(model)
+        if wire == "responses":
+            body = to_responses(request, self.settings, dialect, model)
+            if cache_key and dialect.prompt_cache_key:     # OpenAI's /responses takes it too
+                body["prompt_cache_key"] = cache_key
+        else:
+            body = to_openai(request, self.settings, dialect, model, cache_key)
+        body = apply_fixes(body, self.fixes_for(model))
         if not stream and "stream" in body:
             body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        return body
+        return wire, body
 
     # -- health ---------------------------------------------------------------------------
 
@@ -2669,7 +3582,7 @@ class Upstream:
     # -- the exchange with it ---------------------------------------------------------------
 
     def send(self, body: Dict[str, Any], on_sent: Callable[[Optional[http.client.HTTPConnection]], None],
-             abandoned: Callable[[], bool] = lambda: False
+             abandoned: Callable[[], bool] = lambda: False, wire: str = "chat"
              ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """POST the request; an answer other than 200 becomes a ProxyError. When the upstream
         answers 400 naming a parameter or a limit the model cannot take, the request is fixed
@@ -2687,7 +3600,7 @@ class Upstream:
                 log.debug("upstream request: %s%s", "" if self.name == DEFAULT_PROVIDER else "(%s) " % self.name,
                           describe_request(body))
             key = self.keys.pick(time.monotonic())
-            conn, response = self.pool.post(self.chat_path, json_bytes(body), self.headers[key], on_sent, abandoned)
+            conn, response = self.pool.post(self.paths[wire], json_bytes(body), self.headers[key], on_sent, abandoned)
             if response.status == 200:
                 if learned is not None:          # remembered only once the fix worked
                     self.learn(str(model), *learned)
@@ -2944,6 +3857,7 @@ class Exchange:
         self.upstream_stream = self.stream and server.settings.upstream_streaming.lower() != "off"
         self.chain = server.router.chain(request["model"])
         self.upstream, self.model = self.chain[0]
+        self.wire = "chat"                              # the wire format of the attempt
         self.failed: List[Tuple[str, str]] = []        # (provider, kind) of each that failed
         self.conn: Optional[http.client.HTTPConnection] = None
         self.response: Optional[http.client.HTTPResponse] = None
@@ -2992,9 +3906,9 @@ class Exchange:
         for position, (upstream, model) in enumerate(candidates):
             self.upstream, self.model = upstream, model
             with wrong_types_are_400():
-                body = upstream.build(self.request, model, self.upstream_stream, self.session)
+                self.wire, body = upstream.build(self.request, model, self.upstream_stream, self.session)
             try:
-                self.conn, self.response = upstream.send(body, self._on_sent, lambda: self.client_gone)
+                self.conn, self.response = upstream.send(body, self._on_sent, lambda: self.client_gone, self.wire)
                 return
             except ProxyError as err:
                 kind = failover_kind(err)
@@ -3018,7 +3932,7 @@ class Exchange:
         """The answer as batches of Anthropic events, as the upstream sends it. `finished` is
         true once the last batch has been made; `ended` then says how it ended."""
         if is_event_stream(self.response):
-            self.translator = StreamTranslator(self._context(), new_tool_id)
+            self.translator = self._translator()
             for events in translate_sse(response_lines(self.response), self.translator, self.upstream.origin):
                 if self.translator.ended:
                     self.ended = self.translator.result
@@ -3035,7 +3949,7 @@ class Exchange:
     def message(self) -> Dict[str, Any]:
         """The whole answer as one Anthropic message. Raises ProxyError."""
         if is_event_stream(self.response):     # a server that streams although we did not ask
-            self.translator = StreamTranslator(self._context(), new_tool_id)
+            self.translator = self._translator()
             events: List[Dict[str, Any]] = []
             for batch in translate_sse(response_lines(self.response), self.translator, self.upstream.origin):
                 events.extend(batch)
@@ -3044,6 +3958,10 @@ class Exchange:
         message = self._whole_answer(self.ctx)
         self.ended = StreamEnd(message["stop_reason"], message["stop_sequence"], message["usage"])
         return message
+
+    def _translator(self) -> Any:
+        translator = ResponsesStreamTranslator if self.wire == "responses" else StreamTranslator
+        return translator(self._context(), new_tool_id)
 
     def _whole_answer(self, ctx: ResponseContext) -> Dict[str, Any]:
         body = read_body(self.response, self.upstream.origin)
@@ -3055,9 +3973,11 @@ class Exchange:
         if not isinstance(completion, dict):
             raise ProxyError(502, "api_error", "upstream answer is not a JSON object")
         usage = completion.get("usage")
-        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens", usage.get("input_tokens")), int):
             ctx = self._context()
         try:
+            if self.wire == "responses":
+                return responses_to_anthropic(completion, ctx, new_tool_id)
             return to_anthropic(completion, ctx, new_tool_id)
         except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
             raise ProxyError(502, "api_error", "upstream answer has an unexpected shape (%s)"
@@ -4266,6 +5186,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 access["model"], access["upstream_model"] if provider == DEFAULT_PROVIDER else
                 "%s/%s" % (provider, access["upstream_model"]), " stream" if access["stream"] else "",
                 " (upstream whole)" if access.get("upstream_whole") else ""))
+            if access.get("api") == "responses":
+                parts[-1] += " via /responses"
             if access["failed"]:
                 failed_over = ["%s %s" % pair for pair in access["failed"]]
                 parts.append("failed: " + ", ".join(failed_over))
@@ -4419,7 +5341,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 exchange.open()
             finally:
                 access.update(provider=exchange.upstream.name, upstream_model=exchange.model,
-                              failed=exchange.failed)
+                              failed=exchange.failed, api=exchange.wire)
             if exchange.stream:
                 return self._stream(exchange)
             message = exchange.message()
@@ -4908,13 +5830,15 @@ class Doctor:
             len(ids), "; not listed: %s" % ", ".join(missing) if missing else ", the mapped ones among them"))
 
     def _answer(self, upstream: Upstream, tier: str, model: str) -> None:
-        request = {"model": "claude-%s" % tier, "max_tokens": 1,
+        # (the Responses API takes no max_output_tokens below 16)
+        request = {"model": "claude-%s" % tier, "max_tokens": 16 if upstream.wire(model) == "responses" else 1,
                    "messages": [{"role": "user", "content": "Reply with the word OK."}]}
         setting = {"opus": "BIG_MODEL", "sonnet": "MIDDLE_MODEL", "haiku": "SMALL_MODEL"}[tier]
         shown = model if upstream.name == DEFAULT_PROVIDER else "%s/%s" % (upstream.name, model)
         started = time.monotonic()
         try:
-            conn, response = upstream.send(upstream.build(request, model, stream=False), lambda conn: None)
+            wire, body = upstream.build(request, model, stream=False)
+            conn, response = upstream.send(body, lambda conn: None, wire=wire)
             read_body(response, upstream.origin)
             conn.close()
             self.step(True, tier, "%s answered in %.1fs" % (shown, time.monotonic() - started))
