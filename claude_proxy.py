@@ -4823,8 +4823,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.connections_lock = threading.Lock()
         self.draining = False
         self.access_log: Optional[AccessLog] = None     # set by the command line
-        self.stats = Stats()                             # status: the page's and /metrics' counters
-        self.started_at = time.time()                    # status: for the uptime
+        self.stats = Stats()                             # the page's and /metrics' counters
+        self.started_at = time.time()                    # for the uptime
         self.redactor = Redactor(settings_secrets(settings))
         self.redact = self.redactor.redact
         self.log_filter = RedactSecrets(self.redactor)
@@ -5039,11 +5039,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if not server.slots.acquire(blocking=False):
                     raise ProxyError(529, "overloaded_error", "the proxy is handling %d requests already; "
                                      "retry shortly (MAX_CONCURRENCY)" % server.settings.max_concurrency)
-                server.stats.begin()             # status: requests in flight
+                server.stats.begin()             # requests in flight
                 try:
                     route(self, body)
                 finally:
-                    server.stats.end()           # status:
+                    server.stats.end()
                     server.slots.release()
             else:
                 route(self, body)
@@ -5061,7 +5061,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         self.busy = False
         self._access_log(method, path)
-        if path not in STATUS_PATHS:             # status: one record per request (not the status polls)
+        if path not in STATUS_PATHS:             # one record per request (not the status polls)
             duration = time.monotonic() - self.started
             server.stats.record(access_record(time.time() - duration, method, path, self.status,
                                               self.access, self.log_note, duration))
@@ -5199,7 +5199,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if access.get("ttft") is not None:
             parts.append("ttft=%.3fs" % access["ttft"])
             fields["ttft"] = round(access["ttft"], 4)
-        if access.get("session"):                # status: Claude Code's session id
+        if access.get("session"):                # Claude Code's session id
             parts.append("session=%s" % access["session"][:64])
         parts.append("%.3fs" % total)
         note = self.log_note.strip()
@@ -5215,7 +5215,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if isinstance(usage, dict):
             self.access["input_tokens"] = usage.get("input_tokens")
             self.access["output_tokens"] = usage.get("output_tokens")
-            self.access["cached_tokens"] = usage.get("cache_read_input_tokens")     # status:
+            self.access["cached_tokens"] = usage.get("cache_read_input_tokens")
 
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         self.status = code
@@ -5248,7 +5248,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- routes -----------------------------------------------------------------------------
 
-    # status: the page (GET / from a browser), its data and the metrics --------------------
+    # the page (GET / from a browser), its data and the metrics --------------------
 
     def root(self, body: bytes) -> None:
         if "text/html" not in (self.headers.get("Accept") or ""):
@@ -5328,12 +5328,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def messages(self, body: bytes) -> None:
         with wrong_types_are_400():
             request = validate_request(parse_json(body))
-        session = (self.headers.get("x-claude-code-session-id") or "").strip()[:128]   # status:
+        session = (self.headers.get("x-claude-code-session-id") or "").strip()[:128]
         exchange = self.exchange = Exchange(self.server, request, self.connection, session)
         access = self.access
         access.update(model=request["model"], stream=exchange.stream)
         if session:
-            access["session"] = session          # status:
+            access["session"] = session
         if exchange.stream and not exchange.upstream_stream:
             access["upstream_whole"] = True
         with exchange:
@@ -5446,9 +5446,9 @@ ROUTES: Dict[Tuple[str, str], Callable[[Handler, bytes], None]] = {
     ("POST", "/v1/messages"): Handler.messages,
     ("POST", "/v1/messages/count_tokens"): Handler.count_tokens,
     ("GET", "/v1/models"): Handler.list_models,
-    ("GET", "/"): Handler.root,                 # status: the page for a browser, else health
-    ("GET", "/status.json"): Handler.status_data,   # status:
-    ("GET", "/metrics"): Handler.metrics,           # status:
+    ("GET", "/"): Handler.root,                 # the page for a browser, else health
+    ("GET", "/status.json"): Handler.status_data,
+    ("GET", "/metrics"): Handler.metrics,
     ("HEAD", "/"): Handler.health,
     ("GET", "/health"): Handler.health,
     ("HEAD", "/health"): Handler.health,
@@ -5457,7 +5457,7 @@ ROUTES: Dict[Tuple[str, str], Callable[[Handler, bytes], None]] = {
     ("POST", "/api/event_logging/v2/batch"): Handler.event_logging,
 }
 ProxyServer.handler_class = Handler
-STATUS_PATHS = ("/status.json", "/metrics")     # status: not recorded (the page polls)
+STATUS_PATHS = ("/status.json", "/metrics")     # not recorded (the page polls)
 ROUTE_METHODS: Dict[str, List[str]] = {}
 for _method, _path in ROUTES:
     ROUTE_METHODS.setdefault(_path, []).append(_method)
