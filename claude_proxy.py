@@ -3,8 +3,9 @@
 
 One file, Python 3.8+ standard library only. It accepts ``POST /v1/messages`` (streaming and
 not) as sent by Claude Code and the Anthropic SDKs, translates it to ``POST
-{OPENAI_BASE_URL}/chat/completions``, and translates the answer back: text, tool calls,
-reasoning, stop reasons, usage and errors.
+{OPENAI_BASE_URL}/chat/completions`` (or OpenAI's ``/responses``), and translates the answer
+back: text, tool calls, reasoning, stop reasons, usage and errors. Each model tier may go to its
+own provider, with failover along a chain of them.
 
 Run it::
 
@@ -22,9 +23,12 @@ people and monitoring, the live status page (``GET /`` from a browser), its data
 (``GET /status.json``) and Prometheus metrics (``GET /metrics``).
 
 Layout (each section under a banner; data flows down the list once):
-Configuration, Errors, Request (to_openai), Response (to_anthropic), Stream
-(StreamTranslator, encode_sse), Tokens, Upstream I/O, Status, HTTP server, Command line.
-Nothing above "Upstream I/O" touches sockets, the environment, the clock or random ids.
+Configuration (Settings, providers and tier chains), Errors, Request (to_openai), Response
+(to_anthropic), Stream (StreamTranslator, encode_sse), Responses API (to_responses,
+ResponsesStreamTranslator), Tokens, Upstream I/O (Upstream, Router), Exchange (one request,
+translate_sse), Status, HTTP server (Handler), Speed-ups (install_speedups), Command line.
+Nothing above "Upstream I/O" touches sockets, the environment, the clock or random ids, and
+`import claude_proxy` changes nothing in the process (main() installs the speed-ups).
 """
 
 from __future__ import annotations
