@@ -137,6 +137,13 @@ class Settings:
         "Azure); NAME_API does the same for provider NAME")
     keepalive_timeout: float = _setting(
         60.0, "KEEPALIVE_TIMEOUT", "seconds an idle kept-alive client connection is kept open")
+    web_search: str = _setting(
+        "", "WEB_SEARCH", "backend the proxy runs Anthropic's web_search tool against: searxng:URL, "
+        "brave (BRAVE_API_KEY), tavily (TAVILY_API_KEY); unset: searches answer unavailable")
+    brave_api_key: str = _setting("", "BRAVE_API_KEY", "Brave Search API key (WEB_SEARCH=brave)")
+    tavily_api_key: str = _setting("", "TAVILY_API_KEY", "Tavily API key (WEB_SEARCH=tavily)")
+    web_search_timeout: float = _setting(
+        15.0, "WEB_SEARCH_TIMEOUT", "seconds one search may take before it answers unavailable")
     # Not settings of their own: the providers named by NAME_BASE_URL / NAME_API_KEY and the
     # CUSTOM_HEADER_* headers, read from the environment and .env by load_settings().
     providers: Tuple["ProviderConfig", ...] = ()
@@ -261,7 +268,7 @@ def check_settings(settings: Settings) -> None:
     if not 0 <= settings.port <= 65535:
         raise ValueError("PORT must be between 0 and 65535, got %d" % settings.port)
     for name in ("request_timeout", "connect_timeout", "ping_interval", "max_request_bytes",
-                 "max_concurrency", "workers"):
+                 "max_concurrency", "workers", "web_search_timeout"):
         if getattr(settings, name) <= 0:
             raise ValueError("%s must be more than 0, got %s" % (name.upper(), getattr(settings, name)))
     if settings.pin_cpu.lower() not in ("auto", "off", "-1") and not DIGITS.match(settings.pin_cpu):
@@ -276,6 +283,7 @@ def check_settings(settings: Settings) -> None:
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise ValueError("CA_BUNDLE %r is not a PEM file of certificates (%s)" % (
                 settings.ca_bundle, getattr(exc, "reason", None) or exc)) from None
+    check_web_search(settings)
     resolve_dialect(settings, "")
 
 
@@ -906,6 +914,8 @@ USER_BLOCK_PARTS: Dict[str, Callable[[Dict[str, Any], str], List[Dict[str, Any]]
     "image": lambda b, w: [_image_part(b, w)],
     "document": _document_parts,
     "search_result": lambda b, w: [_text_part(_search_result_text(b))],
+    # A replayed web search (run by this proxy): its results, from encrypted_content, as text.
+    "web_search_tool_result": lambda b, w: [_text_part(web_search_history_text(b))],
     # Claude Code's ToolSearch answers with these; the tool itself joins `tools` (to_openai).
     "tool_reference": lambda b, w: [_text_part("Tool loaded: %s" % b.get("tool_name"))],
     "thinking": lambda b, w: [],
@@ -3689,7 +3699,8 @@ def settings_secrets(settings: Settings) -> List[str]:
     """What must never be logged: every provider's keys and credential-like header values, and
     the client key."""
     configs = settings.providers or provider_configs({}, settings)
-    return [secret for config in configs for secret in _config_secrets(config, settings)] + [settings.anthropic_api_key]
+    return [secret for config in configs for secret in _config_secrets(config, settings)] + [
+        settings.anthropic_api_key, settings.brave_api_key, settings.tavily_api_key]
 
 
 def _config_secrets(config: ProviderConfig, settings: Settings) -> List[str]:
@@ -4041,6 +4052,351 @@ def new_id(prefix: str) -> str:
 
 def new_tool_id() -> str:
     return new_id("toolu_")
+
+
+# =============================================================================================
+# Web search
+# =============================================================================================
+# Anthropic's server tool `web_search_*` (issue 13), run by the proxy: the upstream model gets a
+# client-style `web_search(query)` tool; each call is searched on the backend chosen by
+# WEB_SEARCH and answered as a tool result; the client gets `server_tool_use` and
+# `web_search_tool_result` blocks, then the model's answer. Backends get their I/O injected (an
+# UpstreamPool each, so the proxy and CA settings apply) and raise only SearchError.
+
+SEARCH_ERROR_CODES = ("unavailable", "too_many_requests", "max_uses_exceeded", "query_too_long",
+                      "invalid_tool_input")
+MAX_QUERY_CHARS = 400       # Brave's documented limit on q (400 characters, 50 words)
+SEARCH_RESULTS = 10
+DEFAULT_MAX_USES = 10       # when the tool names no max_uses
+WEB_SEARCH_BACKENDS = ("searxng:URL", "brave", "tavily")
+WEB_SEARCH_TOOL = {
+    "name": "web_search",
+    "description": "Search the web. Returns numbered results, each with its URL, title and a snippet "
+                   "of the page. Cite the URLs you use.",
+    "input_schema": {"type": "object", "properties": {"query": {"type": "string", "description":
+                     "the search query"}}, "required": ["query"]},
+}
+TURN_SEARCH_ON = ("Web search is not set up on this proxy, so no search was run. To turn it on, "
+                  "start the proxy with WEB_SEARCH=searxng:http://HOST:PORT (a SearXNG instance), "
+                  "WEB_SEARCH=brave with BRAVE_API_KEY, or WEB_SEARCH=tavily with TAVILY_API_KEY.")
+
+
+class SearchError(Exception):
+    def __init__(self, error_code: str, message: str) -> None:
+        super().__init__(message)
+        assert error_code in SEARCH_ERROR_CODES, error_code
+        self.error_code = error_code
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    url: str
+    title: str
+    snippet: str
+    page_age: Optional[str] = None
+
+
+def check_web_search(settings: Settings) -> None:
+    """WEB_SEARCH and the key it needs, checked at start-up (one line naming what to fix)."""
+    value = settings.web_search.strip()
+    kind = value.split(":", 1)[0].lower()
+    if not value:
+        return
+    if kind == "searxng":
+        url = urllib.parse.urlsplit(value.split(":", 1)[1] if ":" in value else "")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("WEB_SEARCH=searxng:URL needs the instance's http(s) URL, got %r" % value)
+    elif kind in ("brave", "tavily") and ":" not in value:
+        if not getattr(settings, kind + "_api_key"):
+            raise ValueError("WEB_SEARCH=%s needs %s_API_KEY" % (kind, kind.upper()))
+    else:
+        raise ValueError("WEB_SEARCH must be one of %s, got %r" % (", ".join(WEB_SEARCH_BACKENDS), value))
+
+
+def _host_in(host: str, domains: Iterable[str]) -> bool:
+    host = host.lower().rstrip(".")
+    for domain in domains:
+        domain = domain.lower().strip().lstrip(".")
+        if "://" in domain:
+            domain = urllib.parse.urlsplit(domain).hostname or ""
+        domain = domain.split("/", 1)[0]
+        if domain and (host == domain or host.endswith("." + domain)):
+            return True
+    return False
+
+
+def filter_results(results: Iterable[SearchResult], allowed: Iterable[str] = (),
+                   blocked: Iterable[str] = ()) -> List[SearchResult]:
+    """Only results on an allowed domain (when any are given) and on no blocked one; a domain
+    covers its subdomains."""
+    kept = []
+    for result in results:
+        host = urllib.parse.urlsplit(result.url).hostname or ""
+        if not host or (allowed and not _host_in(host, allowed)) or _host_in(host, blocked):
+            continue
+        kept.append(result)
+    return kept
+
+
+def _result(url: Any, title: Any, snippet: Any, age: Any) -> Optional[SearchResult]:
+    if not isinstance(url, str) or not url:
+        return None
+    return SearchResult(url, title if isinstance(title, str) else url,
+                        re.sub(r"<[^>]*>", "", snippet) if isinstance(snippet, str) else "",
+                        age if isinstance(age, str) and age else None)
+
+
+class HttpSearch:
+    """One search backend's HTTP: a whole JSON answer, errors as SearchError."""
+
+    name = "search"
+
+    def __init__(self, base_url: str, timeout: float, ca_bundle: str = "") -> None:
+        self.pool = UpstreamPool(base_url, timeout, timeout, ca_bundle=ca_bundle)
+        self.timeout = timeout
+
+    def fetch(self, method: str, path: str, headers: Dict[str, str], body: Optional[bytes] = None) -> Any:
+        conn = None
+        try:
+            conn = self.pool._connect()
+            conn.request(method, self.pool.url_path(path), body, dict(headers, Accept="application/json"))
+            response = conn.getresponse()
+            data = response.read()
+        except ProxyError:
+            raise SearchError("unavailable", "%s: could not connect within %gs" % (self.name, self.timeout)) from None
+        except socket.timeout:
+            raise SearchError("unavailable", "%s: no answer within %gs (WEB_SEARCH_TIMEOUT)" % (
+                self.name, self.timeout)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise SearchError("unavailable", "%s: %s" % (self.name, exc.__class__.__name__)) from None
+        finally:
+            if conn is not None:
+                conn.close()
+        if response.status == 429:
+            raise SearchError("too_many_requests", "%s: rate limited (429)" % self.name)
+        if response.status != 200:
+            raise SearchError("unavailable", "%s: HTTP %d" % (self.name, response.status))
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise SearchError("unavailable", "%s: the answer is not JSON" % self.name) from None
+
+
+class SearxngSearch(HttpSearch):
+    """SearXNG's JSON API: GET /search?q=...&format=json -> results[].url/title/content/publishedDate
+    (the instance must list json under search.formats in settings.yml, else it answers 403)."""
+
+    name = "SearXNG"
+
+    def __call__(self, query: str, allowed: Iterable[str] = (), blocked: Iterable[str] = ()) -> List[SearchResult]:
+        payload = self.fetch("GET", "/search?" + urllib.parse.urlencode({"q": query, "format": "json"}), {})
+        items = payload.get("results") if isinstance(payload, dict) else None
+        found = [_result(i.get("url"), i.get("title"), i.get("content"), i.get("publishedDate"))
+                 for i in items or () if isinstance(i, dict)]
+        return filter_results([r for r in found if r], allowed, blocked)[:SEARCH_RESULTS]
+
+
+class BraveSearch(HttpSearch):
+    """Brave Search API: GET /res/v1/web/search?q=... with X-Subscription-Token ->
+    web.results[].url/title/description/age (or page_age)."""
+
+    name = "Brave Search"
+
+    def __init__(self, api_key: str, timeout: float, ca_bundle: str = "",
+                 base_url: str = "https://api.search.brave.com") -> None:
+        super().__init__(base_url, timeout, ca_bundle)
+        self.api_key = api_key
+
+    def __call__(self, query: str, allowed: Iterable[str] = (), blocked: Iterable[str] = ()) -> List[SearchResult]:
+        params = {"q": query, "count": str(SEARCH_RESULTS)}
+        payload = self.fetch("GET", "/res/v1/web/search?" + urllib.parse.urlencode(params),
+                             {"X-Subscription-Token": self.api_key})
+        web = payload.get("web") if isinstance(payload, dict) else None
+        items = web.get("results") if isinstance(web, dict) else None
+        found = [_result(i.get("url"), i.get("title"), i.get("description"), i.get("age") or i.get("page_age"))
+                 for i in items or () if isinstance(i, dict)]
+        return filter_results([r for r in found if r], allowed, blocked)
+
+
+class TavilySearch(HttpSearch):
+    """Tavily: POST /search {query, max_results, include_domains, exclude_domains}, the key as
+    Bearer -> results[].url/title/content/published_date."""
+
+    name = "Tavily"
+
+    def __init__(self, api_key: str, timeout: float, ca_bundle: str = "",
+                 base_url: str = "https://api.tavily.com") -> None:
+        super().__init__(base_url, timeout, ca_bundle)
+        self.api_key = api_key
+
+    def __call__(self, query: str, allowed: Iterable[str] = (), blocked: Iterable[str] = ()) -> List[SearchResult]:
+        body: Dict[str, Any] = {"query": query, "max_results": SEARCH_RESULTS}
+        if allowed:
+            body["include_domains"] = list(allowed)
+        if blocked:
+            body["exclude_domains"] = list(blocked)
+        payload = self.fetch("POST", "/search", {"Authorization": "Bearer " + self.api_key,
+                                                 "Content-Type": "application/json"}, json_bytes(body))
+        items = payload.get("results") if isinstance(payload, dict) else None
+        found = [_result(i.get("url"), i.get("title"), i.get("content"), i.get("published_date"))
+                 for i in items or () if isinstance(i, dict)]
+        return filter_results([r for r in found if r], allowed, blocked)
+
+
+def make_search(settings: Settings) -> Optional[Callable[[str, Iterable[str], Iterable[str]], List[SearchResult]]]:
+    """The backend WEB_SEARCH names, or None when it is unset."""
+    value = settings.web_search.strip()
+    kind, _, rest = value.partition(":")
+    kind = kind.lower()
+    if kind == "searxng":
+        return SearxngSearch(rest, settings.web_search_timeout, settings.ca_bundle)
+    if kind == "brave":
+        return BraveSearch(settings.brave_api_key, settings.web_search_timeout, settings.ca_bundle)
+    if kind == "tavily":
+        return TavilySearch(settings.tavily_api_key, settings.web_search_timeout, settings.ca_bundle)
+    return None
+
+
+def is_web_search_tool(tool: Any) -> bool:
+    return isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search_")
+
+
+def web_search_spec(request: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The request's web_search_* server tool, if it has one."""
+    for tool in request.get("tools") or ():
+        if is_web_search_tool(tool):
+            return tool
+    return None
+
+
+def encode_page(result: SearchResult) -> str:
+    """encrypted_content: opaque to clients; the proxy reads it back when the block is replayed."""
+    return base64.urlsafe_b64encode(json_bytes({"u": result.url, "t": result.title, "s": result.snippet})).decode()
+
+
+def decode_page(encrypted: Any) -> Optional[Dict[str, str]]:
+    try:
+        page = json.loads(base64.urlsafe_b64decode(str(encrypted).encode()))
+    except (ValueError, TypeError):
+        return None
+    return page if isinstance(page, dict) else None
+
+
+def search_results_text(query: str, results: List[SearchResult]) -> str:
+    """What the upstream model reads as the search's result."""
+    if not results:
+        return "No results for %r." % query
+    lines = ["Results for %r:" % query]
+    for n, r in enumerate(results, 1):
+        lines.append("%d. %s\n   URL: %s%s\n   %s" % (n, r.title, r.url,
+                     "\n   Published: %s" % r.page_age if r.page_age else "", r.snippet))
+    return "\n".join(lines)
+
+
+def web_search_history_text(block: Dict[str, Any]) -> str:
+    """A replayed `web_search_tool_result` block as text the upstream model can read."""
+    content = block.get("content")
+    if isinstance(content, dict):
+        return "Web search failed: %s" % content.get("error_code", "unavailable")
+    pages = []
+    for item in content if isinstance(content, list) else ():
+        if isinstance(item, dict):
+            page = decode_page(item.get("encrypted_content")) or {}
+            pages.append(SearchResult(str(item.get("url", page.get("u", ""))),
+                                      str(item.get("title", page.get("t", ""))),
+                                      str(page.get("s", "")), item.get("page_age")))
+    return search_results_text("", pages).replace("Results for '':", "Web search results:", 1)
+
+
+def _search_one(query: Any, used: int, max_uses: int, allowed: Iterable[str], blocked: Iterable[str],
+                search: Optional[Callable[..., List[SearchResult]]]) -> Tuple[Any, str, bool]:
+    """(block content, text for the model, whether the backend was asked)."""
+    try:
+        if not isinstance(query, str) or not query.strip():
+            raise SearchError("invalid_tool_input", "the query must be a non-empty string")
+        if len(query) > MAX_QUERY_CHARS:
+            raise SearchError("query_too_long", "the query is longer than %d characters" % MAX_QUERY_CHARS)
+        if used >= max_uses:
+            raise SearchError("max_uses_exceeded", "no more than %d searches in one request" % max_uses)
+        if search is None:
+            raise SearchError("unavailable", "web search is not set up on this proxy")
+        try:
+            results = filter_results(search(query, allowed, blocked), allowed, blocked)
+        except SearchError as exc:
+            exc.asked = True
+            raise
+    except SearchError as exc:
+        return ({"type": "web_search_tool_result_error", "error_code": exc.error_code},
+                "Web search error: %s (%s)" % (exc.error_code, exc.message), getattr(exc, "asked", False))
+    content = [{"type": "web_search_result", "url": r.url, "title": r.title,
+                "encrypted_content": encode_page(r), "page_age": r.page_age} for r in results]
+    return content, search_results_text(query, results), True
+
+
+def run_web_search(request: Dict[str, Any], call_model: Callable[[Dict[str, Any]], Dict[str, Any]],
+                   search: Optional[Callable[..., List[SearchResult]]], new_id: Callable[[str], str],
+                   on_block: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Answer a request that carries a web_search_* tool: ask the model (non-streaming, through
+    `call_model`, Anthropic in and out) with a client-style web_search tool, run each call on
+    `search` (None: WEB_SEARCH unset, every search answers unavailable), feed the results back and
+    ask again, until the model answers without searching. One Anthropic message out."""
+    spec = web_search_spec(request) or {}
+    max_uses = spec.get("max_uses") if isinstance(spec.get("max_uses"), int) else DEFAULT_MAX_USES
+    allowed = tuple(spec.get("allowed_domains") or ())
+    blocked = tuple(spec.get("blocked_domains") or ())
+    tools = [dict(WEB_SEARCH_TOOL) if is_web_search_tool(t) else t for t in request.get("tools") or ()]
+    messages = list(request.get("messages") or ())
+    usage = {"input_tokens": 0, "output_tokens": 0}
+    blocks: List[Dict[str, Any]] = []
+    asked = 0
+    answer: Dict[str, Any] = {}
+
+    def emit(block: Dict[str, Any]) -> None:
+        blocks.append(block)
+        if on_block is not None:
+            on_block(block)
+
+    for round_ in range(max_uses + 2):
+        last = round_ == max_uses + 1              # the model keeps searching: no tool this time
+        body = dict(request, messages=messages, stream=False,
+                    tools=[t for t in tools if not (last and t.get("name") == "web_search")])
+        if last:
+            body.pop("tool_choice", None)
+        answer = call_model(body)
+        for key in usage:
+            usage[key] += int((answer.get("usage") or {}).get(key) or 0)
+        content = answer.get("content") or []
+        calls = [b for b in content if b.get("type") == "tool_use" and b.get("name") == "web_search"]
+        if not calls:
+            break
+        results = []
+        for call in calls:
+            query = (call.get("input") or {}).get("query")
+            server_id = new_id("srvtoolu_")
+            emit({"type": "server_tool_use", "id": server_id, "name": "web_search", "input": {"query": query}})
+            found, text, was_asked = _search_one(query, asked, max_uses, allowed, blocked, search)
+            asked += was_asked
+            emit({"type": "web_search_tool_result", "tool_use_id": server_id, "content": found})
+            results.append({"type": "tool_result", "tool_use_id": call.get("id"), "content": text})
+        client_calls = [b for b in content if b.get("type") == "tool_use" and b.get("name") != "web_search"]
+        if client_calls:                           # the client must answer those first
+            break
+        messages = messages + [{"role": "assistant", "content": content}, {"role": "user", "content": results}]
+    final = [b for b in answer.get("content") or []
+             if not (b.get("type") == "tool_use" and b.get("name") == "web_search")]
+    if search is None:
+        final.insert(0, {"type": "text", "text": TURN_SEARCH_ON})
+    for block in final:
+        emit(block)
+    has_calls = any(b.get("type") == "tool_use" for b in final)
+    stop = "tool_use" if has_calls else (answer.get("stop_reason") or "end_turn")
+    if stop == "tool_use" and not has_calls:
+        stop = "end_turn"
+    return {"id": answer.get("id") or new_id("msg_"), "type": "message", "role": "assistant",
+            "model": request.get("model", answer.get("model", "")), "content": blocks,
+            "stop_reason": stop, "stop_sequence": answer.get("stop_sequence"),
+            "usage": dict(usage, server_tool_use={"web_search_requests": asked})}
 
 
 # =============================================================================================

@@ -2449,6 +2449,290 @@ def test_estimate_tokens_counts_the_system_text_to_openai_sends():
 
 
 # =============================================================================================
+# Web search (issue 13): the web_search server tool run by the proxy against a search backend
+# =============================================================================================
+
+
+class FakeSearch:
+    """A search backend on 127.0.0.1:0: each request gets `reply` (status, JSON body); requests
+    are recorded. `hang=True`: accept and never answer (for the timeout)."""
+
+    def __init__(self, status=200, body=None, hang=False):
+        self.status, self.body, self.requests = status, body, []
+        fake = self
+        self.released = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                fake.requests.append((self.command, self.path, dict(self.headers),
+                                      self.rfile.read(length) if length else b""))
+                if hang:
+                    fake.released.wait(10)
+                    return
+                data = json.dumps(fake.body).encode()
+                self.send_response(fake.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_search():
+    made = []
+
+    def make(**kw):
+        made.append(FakeSearch(**kw))
+        return made[-1]
+    yield make
+    for fake in made:
+        fake.close()
+
+
+SEARXNG_BODY = {"results": [
+    {"url": "https://docs.python.org/3/whatsnew/3.13.html", "title": "What's New In Python 3.13",
+     "content": "Python 3.13 <b>adds</b> a new REPL", "publishedDate": "2024-10-07"},
+    {"url": "https://blog.spam.example/py", "title": "Spam", "content": "ads"},
+]}
+
+
+def test_searxng_results_and_request_shape(fake_search):
+    fake = fake_search(body=SEARXNG_BODY)
+    found = cp.SearxngSearch(fake.url, 5)("python 3.13 news")
+    assert found[0] == cp.SearchResult("https://docs.python.org/3/whatsnew/3.13.html",
+                                       "What's New In Python 3.13", "Python 3.13 adds a new REPL", "2024-10-07")
+    method, path, _, _ = fake.requests[0]
+    assert method == "GET" and path == "/search?q=python+3.13+news&format=json"
+
+
+def test_searxng_empty_results(fake_search):
+    assert cp.SearxngSearch(fake_search(body={"results": []}).url, 5)("x") == []
+
+
+@pytest.mark.parametrize("status,code", [(429, "too_many_requests"), (500, "unavailable"), (403, "unavailable")])
+def test_backend_error_statuses(fake_search, status, code):
+    fake = fake_search(status=status, body={"error": "no"})
+    with pytest.raises(cp.SearchError) as caught:
+        cp.SearxngSearch(fake.url, 5)("x")
+    assert caught.value.error_code == code
+
+
+def test_backend_timeout_is_unavailable(fake_search):
+    fake = fake_search(hang=True)
+    with pytest.raises(cp.SearchError) as caught:
+        cp.SearxngSearch(fake.url, 0.3)("x")
+    assert caught.value.error_code == "unavailable" and "0.3" in caught.value.message
+
+
+def test_backend_refused_is_unavailable():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(cp.SearchError) as caught:
+        cp.SearxngSearch("http://127.0.0.1:%d" % port, 1)("x")
+    assert caught.value.error_code == "unavailable"
+
+
+def test_brave_request_and_results(fake_search):
+    fake = fake_search(body={"web": {"results": [
+        {"url": "https://a.example/1", "title": "A", "description": "about <strong>a</strong>", "age": "2 days ago"},
+        {"url": "https://b.example/2", "title": "B", "description": "b", "page_age": "2025-01-01T00:00:00"}]}})
+    found = cp.BraveSearch("brave-secret", 5, base_url=fake.url)("q w")
+    assert [(r.url, r.snippet, r.page_age) for r in found] == [
+        ("https://a.example/1", "about a", "2 days ago"), ("https://b.example/2", "b", "2025-01-01T00:00:00")]
+    method, path, headers, _ = fake.requests[0]
+    assert method == "GET" and path.startswith("/res/v1/web/search?q=q+w")
+    assert headers["X-Subscription-Token"] == "brave-secret"
+
+
+def test_tavily_request_results_and_domains(fake_search):
+    fake = fake_search(body={"results": [
+        {"url": "https://docs.python.org/x", "title": "X", "content": "x", "published_date": "2025-02-02"},
+        {"url": "https://evil.example/", "title": "E", "content": "e"}]})
+    found = cp.TavilySearch("tvly-secret", 5, base_url=fake.url)("q", ["python.org"], ["evil.example"])
+    assert [r.url for r in found] == ["https://docs.python.org/x"]      # filtered after, too
+    method, path, headers, body = fake.requests[0]
+    assert (method, path, headers["Authorization"]) == ("POST", "/search", "Bearer tvly-secret")
+    sent = json.loads(body)
+    assert sent["query"] == "q" and sent["include_domains"] == ["python.org"]
+    assert sent["exclude_domains"] == ["evil.example"]
+
+
+def test_domain_filters_cover_subdomains_only():
+    results = [cp.SearchResult("https://docs.python.org/a", "", ""), cp.SearchResult("https://notpython.org/", "", ""),
+               cp.SearchResult("https://python.org/", "", ""), cp.SearchResult("https://x.spam.example/", "", "")]
+    assert [r.url for r in cp.filter_results(results, ["python.org"])] == [
+        "https://docs.python.org/a", "https://python.org/"]
+    assert [r.url for r in cp.filter_results(results, (), ["spam.example", "python.org"])] == ["https://notpython.org/"]
+
+
+@pytest.mark.parametrize("value,message", [
+    ("bing", "WEB_SEARCH must be one of"), ("brave", "BRAVE_API_KEY"), ("tavily", "TAVILY_API_KEY"),
+    ("searxng:", "instance's http(s) URL"), ("searxng:ftp://x", "instance's http(s) URL")])
+def test_bad_web_search_settings_stop_start_up(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cp.check_settings(cp.Settings(web_search=value))
+
+
+def test_web_search_keys_are_secrets():
+    settings = cp.Settings(brave_api_key="BSAbrave-key-123456", tavily_api_key="tvly-dev-key-456789")
+    redact = cp.Redactor(cp.settings_secrets(settings)).redact
+    assert "BSAbrave-key-123456" not in redact("key BSAbrave-key-123456") and "tvly-dev-key-456789" not in redact("tvly-dev-key-456789")
+
+
+def test_make_search_picks_the_backend():
+    assert cp.make_search(cp.Settings()) is None
+    assert isinstance(cp.make_search(cp.Settings(web_search="searxng:http://127.0.0.1:9")), cp.SearxngSearch)
+    assert isinstance(cp.make_search(cp.Settings(web_search="brave", brave_api_key="k")), cp.BraveSearch)
+    assert isinstance(cp.make_search(cp.Settings(web_search="tavily", tavily_api_key="k")), cp.TavilySearch)
+
+
+WS_REQUEST = {"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": True,
+              "system": "search once, then reply with a brief summary",
+              "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}],
+              "messages": [{"role": "user", "content": "Perform a web search for the query: python 3.13"}]}
+
+
+def model_answers(*answers):
+    """call_model scripted: each answer is a list of blocks; the requests are recorded."""
+    seen, queue = [], list(answers)
+
+    def call_model(request):
+        seen.append(request)
+        content = queue.pop(0)
+        stop = "tool_use" if any(b["type"] == "tool_use" for b in content) else "end_turn"
+        return {"id": "msg_%d" % len(seen), "type": "message", "role": "assistant", "model": "m",
+                "content": content, "stop_reason": stop, "stop_sequence": None,
+                "usage": {"input_tokens": 10, "output_tokens": 3}}
+    return call_model, seen
+
+
+def search_call(query, n=1):
+    return {"type": "tool_use", "id": "call_%d" % n, "name": "web_search", "input": {"query": query}}
+
+
+def counter_ids():
+    count = iter(range(1, 1000))
+    return lambda prefix: "%s%d" % (prefix, next(count))
+
+
+def test_run_web_search_one_search_then_answer():
+    call_model, seen = model_answers([search_call("python 3.13")], [{"type": "text", "text": "It adds a REPL."}])
+    queries = []
+
+    def search(query, allowed, blocked):
+        queries.append((query, allowed, blocked))
+        return [cp.SearchResult("https://docs.python.org/3/whatsnew/3.13.html", "What's New", "a new REPL", "2024-10-07")]
+    message = cp.run_web_search(WS_REQUEST, call_model, search, counter_ids())
+    assert queries == [("python 3.13", (), ())]
+    assert [b["type"] for b in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    use, result, text = message["content"]
+    assert use == {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "python 3.13"}}
+    assert result["tool_use_id"] == "srvtoolu_1"
+    assert result["content"][0]["url"] == "https://docs.python.org/3/whatsnew/3.13.html"
+    assert result["content"][0]["page_age"] == "2024-10-07" and result["content"][0]["encrypted_content"]
+    assert message["usage"] == {"input_tokens": 20, "output_tokens": 6, "server_tool_use": {"web_search_requests": 1}}
+    assert message["stop_reason"] == "end_turn"
+    # the model got a client-style tool, non-streaming, and then the results as a tool result
+    assert seen[0]["tools"] == [cp.WEB_SEARCH_TOOL] and seen[0]["stream"] is False
+    fed = seen[1]["messages"][-1]["content"][0]
+    assert fed["type"] == "tool_result" and fed["tool_use_id"] == "call_1"
+    assert "1. What's New" in fed["content"] and "https://docs.python.org/3/whatsnew/3.13.html" in fed["content"]
+    assert WS_REQUEST["tools"][0]["type"] == "web_search_20250305"          # input untouched
+
+
+def test_run_web_search_max_uses_and_errors():
+    call_model, seen = model_answers([search_call("a", 1), search_call("b", 2)], [search_call("c", 3)],
+                                     [{"type": "text", "text": "done"}])
+    runs = []
+
+    def search(query, allowed, blocked):
+        runs.append(query)
+        if query == "b":
+            raise cp.SearchError("too_many_requests", "rate limited")
+        return []
+    message = cp.run_web_search(WS_REQUEST, call_model, search, counter_ids())
+    results = [b["content"] for b in message["content"] if b["type"] == "web_search_tool_result"]
+    assert results == [[], {"type": "web_search_tool_result_error", "error_code": "too_many_requests"},
+                       {"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}]
+    assert runs == ["a", "b"] and message["usage"]["server_tool_use"] == {"web_search_requests": 2}
+    assert "max_uses_exceeded" in seen[2]["messages"][-1]["content"][0]["content"]
+
+
+def test_run_web_search_stops_asking_the_model_to_search_after_max_uses():
+    forever = [[search_call("again", n)] for n in range(10)]
+    call_model, seen = model_answers(*forever)
+    cp.run_web_search(WS_REQUEST, call_model, lambda q, a, b: [], counter_ids())
+    assert len(seen) == 4 and all(t["name"] != "web_search" for t in seen[-1]["tools"])
+
+
+def test_run_web_search_query_checks():
+    call_model, _ = model_answers([search_call("x" * 401, 1), {"type": "tool_use", "id": "c2", "name": "web_search",
+                                   "input": {}}], [{"type": "text", "text": "ok"}])
+    message = cp.run_web_search(WS_REQUEST, call_model, lambda q, a, b: 1 / 0, counter_ids())
+    codes = [b["content"]["error_code"] for b in message["content"] if b["type"] == "web_search_tool_result"]
+    assert codes == ["query_too_long", "invalid_tool_input"]
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 0}
+
+
+def test_run_web_search_domains_filtered_after_the_backend():
+    request = dict(WS_REQUEST, tools=[{"type": "web_search_20250305", "name": "web_search",
+                                       "allowed_domains": ["python.org"]}])
+    call_model, _ = model_answers([search_call("x")], [{"type": "text", "text": "ok"}])
+    message = cp.run_web_search(request, call_model, lambda q, a, b: [
+        cp.SearchResult("https://docs.python.org/", "P", ""), cp.SearchResult("https://other.example/", "O", "")],
+        counter_ids())
+    assert [r["url"] for r in message["content"][1]["content"]] == ["https://docs.python.org/"]
+
+
+def test_run_web_search_unset_backend_says_how_to_turn_it_on():
+    call_model, _ = model_answers([search_call("x")], [{"type": "text", "text": "I could not search."}])
+    message = cp.run_web_search(WS_REQUEST, call_model, None, counter_ids())
+    assert message["content"][1]["content"] == {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+    assert "WEB_SEARCH=searxng:" in message["content"][2]["text"]
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 0}
+
+
+def test_run_web_search_client_tools_go_to_the_client():
+    request = dict(WS_REQUEST, tools=WS_REQUEST["tools"] + [{"name": "Read", "input_schema": {"type": "object"}}])
+    read = {"type": "tool_use", "id": "toolu_r", "name": "Read", "input": {"path": "a"}}
+    call_model, seen = model_answers([search_call("x"), read])
+    blocks = []
+    message = cp.run_web_search(request, call_model, lambda q, a, b: [], counter_ids(), on_block=blocks.append)
+    assert [b["type"] for b in message["content"]] == ["server_tool_use", "web_search_tool_result", "tool_use"]
+    assert message["stop_reason"] == "tool_use" and blocks == message["content"] and len(seen) == 1
+    assert [t.get("name") for t in seen[0]["tools"]] == ["web_search", "Read"]
+
+
+def test_replayed_web_search_reaches_the_upstream_as_text():
+    call_model, _ = model_answers([search_call("py")], [{"type": "text", "text": "ok"}])
+    message = cp.run_web_search(WS_REQUEST, call_model, lambda q, a, b: [
+        cp.SearchResult("https://docs.python.org/", "Python docs", "the snippet text")], counter_ids())
+    history = WS_REQUEST["messages"] + [{"role": "assistant", "content": message["content"]},
+                                        {"role": "user", "content": "thanks"}]
+    converted = cp.convert_messages(history)
+    assistant = [m for m in converted if m["role"] == "assistant"][0]
+    assert "https://docs.python.org/" in assistant["content"] and "the snippet text" in assistant["content"]
+
+
+# =============================================================================================
 # End to end: the real server against a scripted fake upstream on loopback
 # =============================================================================================
 
