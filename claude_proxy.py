@@ -144,6 +144,8 @@ class Settings:
     tavily_api_key: str = _setting("", "TAVILY_API_KEY", "Tavily API key (WEB_SEARCH=tavily)")
     web_search_timeout: float = _setting(
         15.0, "WEB_SEARCH_TIMEOUT", "seconds one search may take before it answers unavailable")
+    brave_base_url: str = _setting("https://api.search.brave.com", "BRAVE_BASE_URL", "Brave Search API base URL")
+    tavily_base_url: str = _setting("https://api.tavily.com", "TAVILY_BASE_URL", "Tavily API base URL")
     # Not settings of their own: the providers named by NAME_BASE_URL / NAME_API_KEY and the
     # CUSTOM_HEADER_* headers, read from the environment and .env by load_settings().
     providers: Tuple["ProviderConfig", ...] = ()
@@ -2160,7 +2162,7 @@ def assemble_message(events: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
                 block[field] += delta[field]
         elif kind == "content_block_stop":
             block = message["content"][event["index"]]
-            if block["type"] == "tool_use":
+            if block["type"] in ("tool_use", "server_tool_use"):
                 block["input"] = parse_tool_arguments("".join(partial[event["index"]]))
         elif kind == "message_delta":
             message.update(event["delta"])
@@ -4252,9 +4254,11 @@ def make_search(settings: Settings) -> Optional[Callable[[str, Iterable[str], It
     if kind == "searxng":
         return SearxngSearch(rest, settings.web_search_timeout, settings.ca_bundle)
     if kind == "brave":
-        return BraveSearch(settings.brave_api_key, settings.web_search_timeout, settings.ca_bundle)
+        return BraveSearch(settings.brave_api_key, settings.web_search_timeout, settings.ca_bundle,
+                           settings.brave_base_url)
     if kind == "tavily":
-        return TavilySearch(settings.tavily_api_key, settings.web_search_timeout, settings.ca_bundle)
+        return TavilySearch(settings.tavily_api_key, settings.web_search_timeout, settings.ca_bundle,
+                            settings.tavily_base_url)
     return None
 
 
@@ -4397,6 +4401,30 @@ def run_web_search(request: Dict[str, Any], call_model: Callable[[Dict[str, Any]
             "model": request.get("model", answer.get("model", "")), "content": blocks,
             "stop_reason": stop, "stop_sequence": answer.get("stop_sequence"),
             "usage": dict(usage, server_tool_use={"web_search_requests": asked})}
+
+
+def web_search_events(message: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The events that stream a finished run_web_search message: message_to_events, with the
+    server blocks as Anthropic streams them (server_tool_use: its shell, then input_json_delta;
+    web_search_tool_result: the whole block in content_block_start, no delta)."""
+    server = {i: b for i, b in enumerate(message["content"])
+              if b["type"] in ("server_tool_use", "web_search_tool_result")}
+    plain = [{"type": "text", "text": ""} if i in server else b for i, b in enumerate(message["content"])]
+    events = []
+    for event in message_to_events(dict(message, content=plain)):
+        block = server.get(event["index"]) if "index" in event else None
+        if block is None:
+            events.append(event)
+        elif event["type"] == "content_block_start":
+            shell = dict(block, input={}) if block["type"] == "server_tool_use" else block
+            events.append(dict(event, content_block=shell))
+        elif event["type"] == "content_block_delta":
+            if block["type"] == "server_tool_use":
+                events.append(dict(event, delta={"type": "input_json_delta", "partial_json": json.dumps(
+                    block["input"], ensure_ascii=False)}))
+        else:
+            events.append(event)
+    return events
 
 
 # =============================================================================================
@@ -5559,6 +5587,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if access.get("ttft") is not None:
             parts.append("ttft=%.3fs" % access["ttft"])
             fields["ttft"] = round(access["ttft"], 4)
+        if "searches" in access:                 # a request with the web_search tool
+            parts.append("searches=%d" % access["searches"])
+            fields["searches"] = access["searches"]
         if access.get("session"):                # Claude Code's session id
             parts.append("session=%s" % access["session"][:64])
         parts.append("%.3fs" % total)
@@ -5689,6 +5720,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with wrong_types_are_400():
             request = validate_request(parse_json(body))
         session = (self.headers.get("x-claude-code-session-id") or "").strip()[:128]
+        if web_search_spec(request) is not None:
+            return self._web_search(request, session)
         exchange = self.exchange = Exchange(self.server, request, self.connection, session)
         access = self.access
         access.update(model=request["model"], stream=exchange.stream)
@@ -5707,6 +5740,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
             message = exchange.message()
             self._note_usage(message.get("usage"))
             self._send_json(200, message)
+
+    def _web_search(self, request: Dict[str, Any], session: str) -> None:
+        """A request with a web_search_* tool: run_web_search, each model call a fresh Exchange
+        on a non-streaming copy (failover and fixes apply); a stream gets the finished message."""
+        access = self.access
+        access.update(model=request["model"], stream=bool(request.get("stream")), searches=0)
+
+        def call_model(body: Dict[str, Any]) -> Dict[str, Any]:
+            with Exchange(self.server, body, self.connection, session) as exchange:
+                self.exchange = exchange
+                try:
+                    exchange.open()
+                finally:
+                    access.update(provider=exchange.upstream.name, upstream_model=exchange.model,
+                                  failed=exchange.failed, api=exchange.wire)
+                return exchange.message()
+
+        message = run_web_search(request, call_model, make_search(self.server.settings), new_id)
+        self.exchange = None
+        access["searches"] = message["usage"]["server_tool_use"]["web_search_requests"]
+        self._note_usage(message["usage"])
+        if not request.get("stream"):
+            return self._send_json(200, message)
+        writer = SSEWriter(self.wfile, lambda: None, self.connection, self._stream_head())
+        try:
+            writer.end(web_search_events(message))
+        except ClientGone:
+            self.close_connection = True
+            self.log_note += " client went away"
 
     def _stream_head(self) -> bytes:
         """Send the head of a streamed response; the bytes the SSE writer must send before the

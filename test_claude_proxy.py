@@ -4202,6 +4202,79 @@ def test_import_changes_nothing_and_the_plain_path_serves_streams_and_answers():
 
 
 # ---------------------------------------------------------------------------------------------
+# Web search end to end (issue 13): the real server, the upstream fake scripting the model's
+# calls, a fake SearXNG on loopback
+# ---------------------------------------------------------------------------------------------
+
+
+def search_tool_call(query):
+    return json_reply(completion({"content": None, "tool_calls": [{"id": "call_s1", "type": "function", "function": {
+        "name": "web_search", "arguments": json.dumps({"query": query})}}]}, "tool_calls"))
+
+
+def e2e_search_request(**extra):
+    return dict({"model": "claude-sonnet-4-5", "max_tokens": 1000,
+                 "system": "search once, then reply with a brief summary",
+                 "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+                 "messages": [{"role": "user", "content": "Perform a web search for the query: python 3.13"}]}, **extra)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_e2e_web_search_with_searxng(upstream, fake_search, stream, caplog):
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    searx = fake_search(body=SEARXNG_BODY)
+    upstream.script += [search_tool_call("python 3.13"),
+                        json_reply(completion({"content": "Python 3.13 adds a new REPL."}))]
+    with running_proxy(upstream.url, web_search="searxng:" + searx.url) as server:
+        client = Client(server)
+        if stream:
+            response, payload = client.call("POST", "/v1/messages", e2e_search_request(stream=True))
+            assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+            events = [data for _, data in parse_sse(payload)]
+            assert [e["type"] for e in events][:2] == ["message_start", "ping"]
+            assert events[-1]["type"] == "message_stop"
+            message = cp.assemble_message(events)
+        else:
+            status, _, message = client.json("POST", "/v1/messages", e2e_search_request())
+            assert status == 200, message
+        status_page = client.json("GET", "/status.json")[2]
+    assert [b["type"] for b in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert message["content"][0]["input"] == {"query": "python 3.13"}
+    assert message["content"][0]["id"].startswith("srvtoolu_")
+    assert message["content"][1]["tool_use_id"] == message["content"][0]["id"]
+    assert [r["url"] for r in message["content"][1]["content"]] == [
+        "https://docs.python.org/3/whatsnew/3.13.html", "https://blog.spam.example/py"]
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1}
+    assert searx.requests[0][1] == "/search?q=python+3.13&format=json"
+    first, second = [r["body"] for r in upstream.requests[:2]]
+    assert first["tools"][0]["function"]["name"] == "web_search" and not first.get("stream")
+    assert "What's New In Python 3.13" in json.dumps(second["messages"])
+    assert status_page["searches"] == 1
+    assert "searches=1" in caplog.text
+
+
+def test_e2e_web_search_unset_says_how_to_turn_it_on(upstream, proxy):
+    upstream.script += [search_tool_call("x"), json_reply(completion({"content": "No search was possible."}))]
+    status, _, message = Client(proxy).json("POST", "/v1/messages", e2e_search_request())
+    assert status == 200
+    assert message["content"][1]["content"] == {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+    assert "WEB_SEARCH=" in message["content"][2]["text"]
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 0}
+
+
+def test_e2e_web_search_backend_down_is_not_a_5xx_and_keys_stay_out_of_logs(upstream, fake_search, caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    brave = fake_search(status=503, body={"error": "down"})
+    upstream.script += [search_tool_call("x"), json_reply(completion({"content": "Search failed."}))]
+    with running_proxy(upstream.url, web_search="brave", brave_api_key="BSA-secret-key-987654",
+                       brave_base_url=brave.url) as server:
+        status, _, message = Client(server).json("POST", "/v1/messages", e2e_search_request())
+    assert status == 200 and brave.requests[0][2]["X-Subscription-Token"] == "BSA-secret-key-987654"
+    assert message["content"][1]["content"]["error_code"] == "unavailable"
+    assert "BSA-secret-key-987654" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
 # Never down: bad input, limits, upstream faults, clients leaving, overload, shutdown
 
 def raw_exchange(server, data, read_all=True):
