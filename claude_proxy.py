@@ -6182,7 +6182,21 @@ class Doctor:
                         self._answer(upstream, tier, model)
         finally:
             router.close()
+        self._search()
         return not self.failed
+
+    def _search(self) -> None:
+        """WEB_SEARCH set: one search on its backend."""
+        search = make_search(self.settings)
+        if search is None:
+            return
+        try:
+            found = search("claude code proxy", (), ())
+        except SearchError as exc:
+            self.step(False, "search", "%s: %s" % (exc.error_code, exc.message),
+                      "check WEB_SEARCH, the backend's key and WEB_SEARCH_TIMEOUT")
+            return
+        self.step(True, "search", "%s answered with %d results" % (search.name, len(found)))
 
     def _reach(self, upstream: Upstream) -> bool:
         """Name resolution, connection (through the proxy, if any) and TLS."""

@@ -4274,6 +4274,17 @@ def test_e2e_web_search_backend_down_is_not_a_5xx_and_keys_stay_out_of_logs(upst
     assert "BSA-secret-key-987654" not in caplog.text
 
 
+def test_check_tries_one_search(fake_search):
+    good, bad = fake_search(body=SEARXNG_BODY), fake_search(status=429, body={})
+    out = io.StringIO()
+    cp.Doctor(cp.Settings(web_search="searxng:" + good.url), out)._search()
+    cp.Doctor(cp.Settings(web_search="searxng:" + bad.url), out)._search()
+    cp.Doctor(cp.Settings(), out)._search()
+    lines = out.getvalue().splitlines()
+    assert "search   SearXNG answered with 2 results" in lines[0]
+    assert "search   too_many_requests" in lines[1] and "fix: check WEB_SEARCH" in lines[2] and len(lines) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Never down: bad input, limits, upstream faults, clients leaving, overload, shutdown
 
