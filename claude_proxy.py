@@ -1790,6 +1790,7 @@ class StreamTranslator:
         self.ended = False
         self.result: Optional[StreamEnd] = None    # set once ended
         self.chunks_seen = 0
+        self.usage_last = False                    # the last chunk carried usage and no choices
 
     # -- events ---------------------------------------------------------------------------
 
@@ -1811,9 +1812,13 @@ class StreamTranslator:
             return self.fail(STREAM_ERROR_CODES.get(code if isinstance(code, (int, str)) else None, "api_error"),
                              "upstream: " + upstream_error_message(chunk, "error in stream"))
         usage = chunk.get("usage")
+        if not isinstance(usage, dict) or not usage:
+            groq = chunk.get("x_groq")       # Groq: usage only in x_groq.usage of the last chunk
+            usage = groq.get("usage") if isinstance(groq, dict) else None
         if usage and isinstance(usage, dict):
             self.usage = usage               # cumulative when sent on every chunk: keep the last
         choices = chunk.get("choices")
+        self.usage_last = bool(usage) and not choices and self.chunks_seen > 1
         if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             return []                        # usage chunk; Azure's prompt_filter_results chunk
         choice = choices[0]
@@ -1843,10 +1848,12 @@ class StreamTranslator:
             return []
         if self.finish_reason == "error":
             return self.fail("api_error", "upstream ended the answer with finish_reason 'error'")
-        if self.finish_reason is None:
+        if self.finish_reason is None and not ((done or self.usage_last) and self.chunks_seen):
             # A cut connection must not look like a finished answer: that would poison the
-            # conversation with a truncated turn.
-            return self.fail("api_error", "upstream stream ended before the answer was complete")
+            # conversation with a truncated turn. ([DONE], or a closing usage-only chunk, after
+            # no finish_reason is an ended answer: OpenRouter relaying Kimi K2, Snowflake Cortex.)
+            return self.fail("api_error", "the upstream closed the stream after %d events, before the answer "
+                             "ended" % self.chunks_seen)
         events: List[Dict[str, Any]] = []
         self._flush_think_tags(events)        # held text joins the open block where it can
         self._close(events)

@@ -125,14 +125,14 @@ def check_stream(frames):
     return events
 
 
-def run_translator(chunks, stop_sequences=(), input_tokens=7):
+def run_translator(chunks, stop_sequences=(), input_tokens=7, done=True):
     ctx = cp.ResponseContext(model="claude-opus-4-8", message_id="msg_1",
                              stop_sequences=tuple(stop_sequences), input_tokens=input_tokens)
     translator = cp.StreamTranslator(ctx, ids())
     events = translator.start()
     for chunk in chunks:
         events += translator.feed(chunk)
-    events += translator.finish()
+    events += translator.finish(done)
     return check_stream([(e["type"], e) for e in events])
 
 
@@ -819,10 +819,30 @@ def test_stream_finish_reason_on_the_chunk_with_the_last_content():
 
 
 def test_stream_end_without_finish_reason_is_an_error_not_a_success():
-    events = run_translator([chunk({"content": "partial"})])
+    events = run_translator([chunk({"content": "partial"})], done=False)
     assert events[-1] == {"type": "error", "error": {
-        "type": "api_error", "message": "upstream stream ended before the answer was complete"}}
+        "type": "api_error", "message": "the upstream closed the stream after 1 events, before the answer ended"}}
     assert not any(e["type"] == "message_stop" for e in events)
+
+
+# OpenRouter relaying Kimi K2, Snowflake Cortex: [DONE] (or a closing usage-only chunk) after
+# content, but never a finish_reason: a finished answer, not a cut one.
+@pytest.mark.parametrize("chunks,done,stop_reason", [
+    ([chunk({"content": "all of it"})], True, "end_turn"),
+    ([chunk({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "Bash", "arguments": '{"a":1}'}}]})],
+     True, "tool_use"),
+    ([chunk({"content": "all"}), chunk(usage={"prompt_tokens": 3, "completion_tokens": 2})], False, "end_turn"),
+])
+def test_done_without_finish_reason_after_content_is_a_finished_answer(chunks, done, stop_reason):
+    events = run_translator(chunks, done=done)
+    assert events[-1] == {"type": "message_stop"}
+    assert events[-2]["delta"]["stop_reason"] == stop_reason
+
+
+def test_groq_usage_in_x_groq_is_the_usage_reported():
+    last = chunk({}, "stop", x_groq={"id": "req_1", "usage": {"prompt_tokens": 359, "completion_tokens": 12}})
+    events = run_translator([chunk({"content": "hi"}), last], input_tokens=1613)
+    assert events[-2]["usage"]["input_tokens"] == 359 and events[-2]["usage"]["output_tokens"] == 12
 
 
 def test_stream_error_chunk_becomes_error_event():
@@ -3336,7 +3356,17 @@ def test_e2e_error_inside_a_stream_is_redacted(upstream, proxy):
 
 def test_e2e_done_without_finish_reason_is_an_error(upstream, proxy):
     upstream.script.append(sse_reply([]))
-    assert Client(proxy).stream(req())[-1]["type"] == "error"
+    assert Client(proxy).stream(req())[-1]["type"] == "error"      # nothing came: no answer
+
+
+def test_e2e_done_after_content_without_finish_reason_is_a_finished_answer(upstream, proxy):
+    upstream.script.append(sse_reply([chunk({"role": "assistant", "content": "done, no reason"})]))
+    upstream.script.append(sse_reply([chunk({"content": "whole"}),
+                                      chunk(x_groq={"usage": {"prompt_tokens": 359, "completion_tokens": 4}})]))
+    events = Client(proxy).stream(req())
+    assert events[-1]["type"] == "message_stop" and events[-2]["delta"]["stop_reason"] == "end_turn"
+    status, _, message = Client(proxy).json("POST", "/v1/messages", req())   # (answered as a stream anyway)
+    assert status == 200 and message["usage"]["input_tokens"] == 359
 
 
 def test_e2e_upstream_holding_its_body_open_after_done_loses_the_connection(upstream, proxy, monkeypatch):
