@@ -1808,9 +1808,13 @@ class StreamTranslator:
         self.chunks_seen += 1
         error = chunk.get("error")
         if error:
+            message = upstream_error_message(chunk, "error in stream")
+            overflow = context_overflow(message, chunk)
+            if overflow is not None:             # in Anthropic's words, so that Claude Code compacts
+                return self.fail("invalid_request_error", overflow)
             code = error.get("code") if isinstance(error, dict) else None
             return self.fail(STREAM_ERROR_CODES.get(code if isinstance(code, (int, str)) else None, "api_error"),
-                             "upstream: " + upstream_error_message(chunk, "error in stream"))
+                             "upstream: " + message)
         usage = chunk.get("usage")
         if not isinstance(usage, dict) or not usage:
             groq = chunk.get("x_groq")       # Groq: usage only in x_groq.usage of the last chunk

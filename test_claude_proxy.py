@@ -839,6 +839,15 @@ def test_done_without_finish_reason_after_content_is_a_finished_answer(chunks, d
     assert events[-2]["delta"]["stop_reason"] == stop_reason
 
 
+def test_context_overflow_inside_a_stream_is_said_in_anthropics_words():
+    error = {"error": {"message": "This model's maximum context length is 128000 tokens. However, your messages "
+                                  "resulted in 131072 tokens. Please reduce the length of the messages.",
+                       "code": "context_length_exceeded"}}
+    events = run_translator([chunk({"role": "assistant", "content": ""}), error])
+    assert events[-1]["error"] == {"type": "invalid_request_error",
+                                   "message": "prompt is too long: 131072 tokens > 128000 maximum"}
+
+
 def test_groq_usage_in_x_groq_is_the_usage_reported():
     last = chunk({}, "stop", x_groq={"id": "req_1", "usage": {"prompt_tokens": 359, "completion_tokens": 12}})
     events = run_translator([chunk({"content": "hi"}), last], input_tokens=1613)
