@@ -1582,11 +1582,37 @@ def _string(value: Any) -> str:
 
 
 def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):       # some servers answer with a list of text parts
-        return "".join(_string(p.get("text")) for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else content_parts(content)[1]
+
+
+def _part_text(value: Any) -> str:
+    """A part's text: a string, or (Mistral's thinking) a list of {"type": "text"} parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(_string(p.get("text")) for p in value if isinstance(p, dict))
     return ""
+
+
+# Typed content parts -> where their text goes. Mistral's Magistral models send content as a
+# list: reasoning as {"type": "thinking", "thinking": [{"type": "text", "text": ...}]}, the
+# answer as {"type": "text"} parts; others use "reasoning", "output_text" or "refusal" parts.
+CONTENT_PART_ROLES = {"thinking": ("reasoning", "thinking"), "reasoning": ("reasoning", "text"),
+                      "reasoning_text": ("reasoning", "text"), "text": ("text", "text"),
+                      "output_text": ("text", "text"), "refusal": ("refusal", "refusal")}
+
+
+def content_parts(content: Any) -> Tuple[str, str, str]:
+    """(reasoning, text, refusal) of a message's content: a string is text; a list of typed
+    parts is sorted by CONTENT_PART_ROLES (a part without a known type counts as text)."""
+    if isinstance(content, str):
+        return "", content, ""
+    found = {"reasoning": [], "text": [], "refusal": []}
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, dict):
+            role, field = CONTENT_PART_ROLES.get(part.get("type"), ("text", "text"))
+            found[role].append(_part_text(part.get(field)) or (_part_text(part.get("text")) if field != "text" else ""))
+    return "".join(found["reasoning"]), "".join(found["text"]), "".join(found["refusal"])
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -1623,8 +1649,8 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
     choice = choices[0]
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     content: List[Dict[str, Any]] = []
-    reasoning = _reasoning_of(message)
-    text = _content_text(message.get("content"))
+    part_reasoning, text, part_refusal = content_parts(message.get("content"))
+    reasoning = _reasoning_of(message) or part_reasoning
     if not reasoning:
         reasoning, text = split_think_tags(text)
     if reasoning:
@@ -1638,7 +1664,8 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
     if text.strip():                         # whitespace alone makes no block, as in a stream
         content.append({"type": "text", "text": text})
     refusal = message.get("refusal")
-    if isinstance(refusal, str) and refusal:
+    refusal = refusal if isinstance(refusal, str) and refusal else part_refusal
+    if refusal:
         content.append({"type": "text", "text": refusal})
         stop_reason = "refusal"
     used_ids = set(ctx.history_tool_ids)
@@ -1834,7 +1861,14 @@ class StreamTranslator:
                 self._reasoning(reasoning, events)
             content = delta.get("content")
             if content:
-                self._content(content if isinstance(content, str) else _content_text(content), events)
+                if isinstance(content, str):
+                    self._content(content, events)
+                else:                                # typed parts (Mistral's Magistral)
+                    part_reasoning, part_text, part_refusal = content_parts(content)
+                    if part_reasoning:
+                        self._reasoning(part_reasoning, events)
+                    if part_text or part_refusal:
+                        self._content(part_text + part_refusal, events)
             tool_calls = delta.get("tool_calls")
             if tool_calls and isinstance(tool_calls, list):
                 for fragment in tool_calls:

@@ -848,6 +848,24 @@ def test_context_overflow_inside_a_stream_is_said_in_anthropics_words():
                                    "message": "prompt is too long: 131072 tokens > 128000 maximum"}
 
 
+MAGISTRAL_PARTS = [{"type": "thinking", "thinking": [{"type": "text", "text": "Let me think."}]},
+                   {"type": "text", "text": "The answer is 4."}]
+
+
+def test_mistral_magistral_typed_parts_become_thinking_then_text_streaming_and_not():
+    events = run_translator([chunk({"role": "assistant", "content": [MAGISTRAL_PARTS[0]]}),
+                             chunk({"content": [MAGISTRAL_PARTS[1]]}), chunk({}, "stop")])
+    message = cp.assemble_message(events)
+    assert [(b["type"], b.get("thinking") or b.get("text")) for b in message["content"]] == [
+        ("thinking", "Let me think."), ("text", "The answer is 4.")]
+    whole = cp.to_anthropic(completion({"content": MAGISTRAL_PARTS}), cp.ResponseContext("m", "msg_1"), ids())
+    assert [(b["type"], b.get("thinking") or b.get("text")) for b in whole["content"]] == [
+        ("thinking", "Let me think."), ("text", "The answer is 4.")]
+    refused = cp.to_anthropic(completion({"content": [{"type": "refusal", "refusal": "No."}]}),
+                              cp.ResponseContext("m", "msg_1"), ids())
+    assert refused["content"] == [{"type": "text", "text": "No."}] and refused["stop_reason"] == "refusal"
+
+
 def test_groq_usage_in_x_groq_is_the_usage_reported():
     last = chunk({}, "stop", x_groq={"id": "req_1", "usage": {"prompt_tokens": 359, "completion_tokens": 12}})
     events = run_translator([chunk({"content": "hi"}), last], input_tokens=1613)
