@@ -1618,16 +1618,69 @@ def content_parts(content: Any) -> Tuple[str, str, str]:
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
+class ThinkSplitter:
+    """Content text in, ("thinking" | "text", text) pieces out: a leading <think>…</think>
+    section is thinking, the rest text. Local servers without a reasoning parser leave the
+    model's reasoning in the content that way. Used by the whole answer (split_think_tags) and
+    the stream, where a tag may be split across chunks: what may still turn out to be part of a
+    tag is held until more text comes, `release()` or `flush()`. Its state::
+
+        start ── "<think>" ──▶ inside ── "</think>" ──▶ done
+          └──────── any other text, release() ─────────▶ done
+    """
+
+    __slots__ = ("state", "held")
+
+    def __init__(self) -> None:
+        self.state = "start"
+        self.held = ""
+
+    def feed(self, text: str) -> List[Tuple[str, str]]:
+        if self.state == "done":
+            return [("text", text)] if text else []
+        held, self.held = self.held + text, ""
+        if self.state == "start":
+            stripped = held.lstrip()
+            if len(stripped) < len(THINK_OPEN) and THINK_OPEN.startswith(stripped):
+                self.held = held
+                return []
+            if not stripped.startswith(THINK_OPEN):
+                self.state = "done"
+                return [("text", held)]
+            self.state = "inside"
+            held = stripped[len(THINK_OPEN):]
+        end = held.find(THINK_CLOSE)
+        if end >= 0:
+            self.state = "done"
+            pieces = [("thinking", held[:end]), ("text", held[end + len(THINK_CLOSE):].lstrip("\n"))]
+            return [piece for piece in pieces if piece[1]]
+        keep = next((n for n in range(len(THINK_CLOSE) - 1, 0, -1) if held.endswith(THINK_CLOSE[:n])), 0)
+        self.held = held[len(held) - keep:]
+        return [("thinking", held[:len(held) - keep])] if len(held) > keep else []
+
+    def release(self) -> str:
+        """Another block opens (real reasoning, a tool call) before the content showed a tag:
+        the content held so far is text, returned unless it is only whitespace, and content
+        from now on is only content. Nothing changes once a tag was seen."""
+        if self.state != "start":
+            return ""
+        held, self.held, self.state = self.held, "", "done"
+        return held if held.strip() else ""
+
+    def flush(self) -> List[Tuple[str, str]]:
+        """The content ended: what was held, as what it turned out to be."""
+        if self.state == "start":
+            held = self.release()
+            return [("text", held)] if held else []
+        held, self.held = self.held, ""
+        return [("thinking" if self.state == "inside" else "text", held)] if held else []
+
+
 def split_think_tags(text: str) -> Tuple[str, str]:
-    """(reasoning, text) of an answer that opens with <think>…</think>: local servers without a
-    reasoning parser leave the model's reasoning in the content that way."""
-    stripped = text.lstrip()
-    if not stripped.startswith(THINK_OPEN):
-        return "", text
-    end = stripped.find(THINK_CLOSE)
-    if end < 0:
-        return stripped[len(THINK_OPEN):], ""
-    return stripped[len(THINK_OPEN):end], stripped[end + len(THINK_CLOSE):].lstrip("\n")
+    """(reasoning, text) of a whole answer, by ThinkSplitter."""
+    splitter = ThinkSplitter()
+    pieces = splitter.feed(text) + splitter.flush()
+    return "".join(t for kind, t in pieces if kind == "thinking"), "".join(t for kind, t in pieces if kind == "text")
 
 
 def _reasoning_of(message: Dict[str, Any]) -> str:
@@ -1691,32 +1744,30 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
 # =============================================================================================
 # Stream: Chat Completion chunks -> Anthropic events (a pure state machine)
 # =============================================================================================
+# Three jobs, three pieces: ThinkSplitter (above) tells <think> content from the answer,
+# ToolCalls reassembles tool-call fragments into calls, and StreamTranslator, the content-block
+# machine, turns both into Anthropic events.
 
 
 _JSON_STRUCTURE = re.compile(r'[{}\[\]"\\]')
 
 
-class _ToolCall:
-    __slots__ = ("id", "key", "name", "block", "pending", "arguments", "sent", "closed", "scan", "extra")
+class JsonScan:
+    """Whether fragments of JSON text add up to a complete value yet. Each fragment is scanned
+    once (brackets outside strings), so asking after every fragment stays linear."""
 
-    def __init__(self, call_id: str, key: str, name: str) -> None:
-        self.id = call_id                   # the id the client sees
-        self.key = key                      # the id the upstream gave it ("" if none yet)
-        self.name = name
-        self.block: Optional[int] = None    # its content block index once opened
-        self.pending: List[str] = []        # argument fragments not yet sent
-        self.arguments: List[str] = []      # every fragment, to tell when the JSON is complete
-        self.sent = False                   # a non-empty fragment went out
-        self.closed = False
-        # fragments scanned, bracket depth, inside a string, escape pending, a bracket seen
-        self.scan = (0, 0, False, False, False)
-        self.extra: Dict[str, Any] = {}     # the fragment's extra_content (Gemini's signature)
+    __slots__ = ("scanned", "depth", "in_string", "escaped", "started")
 
-    def complete(self) -> bool:
-        """Do the arguments so far form a complete JSON value? Each fragment is scanned once
-        (brackets outside strings), so asking after every fragment stays linear."""
-        scanned, depth, in_string, escaped, started = self.scan
-        for fragment in self.arguments[scanned:]:
+    def __init__(self) -> None:
+        self.scanned = 0            # fragments scanned so far
+        self.depth = 0              # bracket depth outside strings
+        self.in_string = False
+        self.escaped = False        # the last fragment ended in a backslash inside a string
+        self.started = False        # a bracket was seen
+
+    def complete(self, fragments: List[str]) -> bool:
+        depth, in_string, escaped, started = self.depth, self.in_string, self.escaped, self.started
+        for fragment in fragments[self.scanned:]:
             i = 1 if escaped else 0
             escaped = False
             while True:
@@ -1737,14 +1788,35 @@ class _ToolCall:
                     depth, started = depth + 1, True
                 elif char in "}]":
                     depth -= 1
-        self.scan = (len(self.arguments), depth, in_string, escaped, started)
+        self.scanned = len(fragments)
+        self.depth, self.in_string, self.escaped, self.started = depth, in_string, escaped, started
         if started and depth <= 0 and not in_string:
             try:
-                json.loads("".join(self.arguments))
+                json.loads("".join(fragments))
                 return True
             except ValueError:
                 return False
         return False
+
+
+class _ToolCall:
+    __slots__ = ("id", "key", "name", "block", "pending", "arguments", "sent", "closed", "scan", "extra")
+
+    def __init__(self, call_id: str, key: str, name: str) -> None:
+        self.id = call_id                   # the id the client sees
+        self.key = key                      # the id the upstream gave it ("" if none yet)
+        self.name = name
+        self.block: Optional[int] = None    # its content block index once opened
+        self.pending: List[str] = []        # argument fragments not yet sent
+        self.arguments: List[str] = []      # every fragment, to tell when the JSON is complete
+        self.sent = False                   # a non-empty fragment went out
+        self.closed = False
+        self.scan = JsonScan()
+        self.extra: Dict[str, Any] = {}     # the fragment's extra_content (Gemini's signature)
+
+    def complete(self) -> bool:
+        """Do the arguments so far form a complete JSON value?"""
+        return self.scan.complete(self.arguments)
 
 
 def _loads_or_none(fragments: List[str]) -> Any:
@@ -1752,6 +1824,72 @@ def _loads_or_none(fragments: List[str]) -> Any:
         return json.loads("".join(fragments))
     except ValueError:
         return None
+
+
+class ToolCalls:
+    """Tool-call fragments (`delta.tool_calls[]`) -> the calls they make up. No events.
+
+    A fragment belongs to the call with its id, else to the call at its `index` (else to the
+    last call). A different upstream id at a known index starts a new call (Gemini sends
+    parallel calls all at index 0), as does a fragment with neither index nor id that names
+    another function, or names one after the last call's arguments are complete. A new call
+    keeps the upstream's id when it is unique in the conversation, else gets a fresh one."""
+
+    def __init__(self, history_ids: FrozenSet[str], new_tool_id: Callable[[], str]) -> None:
+        self.history_ids = history_ids
+        self.new_tool_id = new_tool_id
+        self.calls: List[_ToolCall] = []
+        self.by_index: Dict[Any, _ToolCall] = {}
+        self.by_key: Dict[str, _ToolCall] = {}
+
+    def find(self, key: str, index: Any, name: str) -> Optional[_ToolCall]:
+        """The call a fragment continues, or None when it starts a new one."""
+        if key and key in self.by_key:
+            return self.by_key[key]
+        call = self.by_index.get(index) if index is not None else (self.calls[-1] if self.calls else None)
+        if call is None:
+            return None
+        if key:
+            if call.key and (name or call.complete()):
+                return None                      # Gemini: another call at a repeated index
+            if not call.key:                     # the upstream's id arrived after the name
+                call.key = key
+                if call.block is None and key not in self.history_ids:
+                    call.id = key
+            self.by_key[key] = call              # (some servers send a new id on every fragment)
+        elif name and call.name and (name != call.name or call.complete()):
+            return None                          # a new call although neither id nor index says so
+        return call
+
+    def take(self, fragment: Dict[str, Any]) -> Optional[Tuple[_ToolCall, str]]:
+        """(the call, the argument text) a fragment brings; None for metadata of no known call."""
+        index = fragment.get("index")
+        if not isinstance(index, (int, str)):
+            index = None
+        key = _string(fragment.get("id"))
+        function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}
+        name = _string(function.get("name"))
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = ""
+        elif not isinstance(arguments, str):
+            arguments = json.dumps(arguments)        # some servers send the arguments as an object
+        call = self.find(key, index, name)
+        if call is None:
+            if not name and not arguments:
+                return None
+            unique = key and key not in self.history_ids and key not in self.by_key
+            call = _ToolCall(key if unique else self.new_tool_id(), key, name)
+            self.calls.append(call)
+            if index is not None:
+                self.by_index[index] = call
+            if key:
+                self.by_key[key] = call
+        elif name and not call.name:
+            call.name = name
+        if isinstance(fragment.get("extra_content"), dict) and call.block is None:
+            call.extra = {"extra_content": fragment["extra_content"]}
+        return call, arguments
 
 
 @dataclasses.dataclass
@@ -1768,56 +1906,52 @@ class StreamTranslator:
 
     ``start()`` gives message_start and a ping; ``feed(chunk)`` the events one chunk causes;
     ``finish()`` the closing events at ``[DONE]`` or end of stream; ``fail(type, msg)`` an
-    ``error`` event. After finish or fail, ``ended`` is true and nothing more comes out.
+    ``error`` event. After finish or fail, ``ended`` is true, ``result`` says how it ended, and
+    nothing more comes out.
 
-    The state is ``self.open``, the kind of the one open content block::
+    The state is one variable, ``self.state``: the kind of the one open content block, or
+    "idle" between blocks, or "ended"::
 
-                      reasoning             content              tool call
-        message_start ─────────▶ thinking ─────────▶ text ─────────────▶ tool ─┐
-              │          ▲                            ▲                    ▲    │ next call
-              └──────────┴────── (None) ──────────────┴────────────────────┴────┘
-        any state ── finish ──▶ close the open block, message_delta, message_stop
-        any state ── error chunk / no finish_reason / fail ──▶ error (no message_stop)
+                 reasoning                 content                    tool call
+        idle ──────────────▶ thinking ──────────────▶ text ──────────────────▶ tool ─┐
+         ▲ ▲                                           ▲                        ▲     │ next
+         │ └───────────────────────────────────────────┴────────────────────────┴─────┘ call
+         └─ (opening any block closes the open one: thinking with a signature_delta,
+             a tool call that sent no arguments with "{}")
+        any ── finish ──▶ close the open block, message_delta, message_stop ──▶ ended
+        any ── error chunk / cut stream / fail ──▶ error event (no message_stop) ──▶ ended
 
-    Opening a block closes the open one (thinking closes with a signature_delta; a tool call
-    that sent no arguments gets "{}"), so exactly one block is open and indices go 0, 1, 2.
-
-    Tool calls: a fragment belongs to the call with its id, else to the call at its `index`
-    (else to the last call). A different upstream id at a known index starts a new call
-    (Gemini sends parallel calls all at index 0), as does a fragment with neither index nor id
-    that names a function after the last call's arguments are complete. Fragments of the open
-    call go out as they arrive. A call that starts while another is still open (interleaved
-    parallel calls) waits, buffered, until the open call's arguments form complete JSON or the
-    stream ends; so does text or reasoning that arrives in the middle of a call's arguments,
-    since opening its block would cut the call short. A call is opened only once it has a
-    name, and its id is made unique against the ids already in the conversation.
-    A leading ``<think>…</think>`` in the content is reasoning (``_content``).
+    Exactly one block is open at a time and indices go 0, 1, 2. Content goes through a
+    ThinkSplitter (a leading <think>…</think> is thinking); tool-call fragments through
+    ToolCalls. The open call's fragments go out as they arrive. A call that starts while
+    another is still open (interleaved parallel calls) waits, buffered, until the open call's
+    arguments form complete JSON or the stream ends; so does text or reasoning that arrives in
+    the middle of a call's arguments (``deferred``), since opening its block would cut the call
+    short. A call is opened only once it has a name and either its id or some arguments.
     """
 
     def __init__(self, ctx: ResponseContext, new_tool_id: Callable[[], str]) -> None:
         self.ctx = ctx
-        self.new_tool_id = new_tool_id
-        self.open: Optional[str] = None          # None, "thinking", "text" or "tool"
+        self.state = "idle"                        # idle, thinking, text, tool or ended
         self.next_index = 0
-        self.current: Optional[_ToolCall] = None  # the open tool call
-        self.calls: List[_ToolCall] = []
-        self.calls_by_index: Dict[Any, _ToolCall] = {}
-        self.calls_by_key: Dict[str, _ToolCall] = {}
-        self.waiting: List[_ToolCall] = []         # calls not yet opened
+        self.current: Optional[_ToolCall] = None   # the open call, in state "tool"
+        self.thinking: List[str] = []              # the open thinking block's text, for its signature
+        self.think = ThinkSplitter()
+        self.tools = ToolCalls(ctx.history_tool_ids, new_tool_id)
         self.deferred: List[Tuple[str, str]] = []  # text/reasoning held while a call is incomplete
         self.finish_reason: Optional[str] = None
         self.matched_stop: Any = None
         self.usage: Optional[Dict[str, Any]] = None
         self.text_tail = ""
-        self.thinking: List[str] = []              # text of the open thinking block
-        self.think_tags = "start"                  # <think> tags in content: start, inside, done
-        self.held = ""                             # content that may be part of a think tag
         self.tail_length = max((len(s) for s in ctx.stop_sequences), default=0)
         self.output_chars = 0
-        self.ended = False
         self.result: Optional[StreamEnd] = None    # set once ended
         self.chunks_seen = 0
         self.usage_last = False                    # the last chunk carried usage and no choices
+
+    @property
+    def ended(self) -> bool:
+        return self.state == "ended"
 
     # -- events ---------------------------------------------------------------------------
 
@@ -1830,7 +1964,7 @@ class StreamTranslator:
             "usage": usage}}, {"type": "ping"}]
 
     def feed(self, chunk: Dict[str, Any]) -> List[Dict[str, Any]]:
-        if self.ended:
+        if self.state == "ended":
             return []
         self.chunks_seen += 1
         error = chunk.get("error")
@@ -1872,7 +2006,7 @@ class StreamTranslator:
             tool_calls = delta.get("tool_calls")
             if tool_calls and isinstance(tool_calls, list):
                 for fragment in tool_calls:
-                    if isinstance(fragment, dict) and not self.ended:
+                    if isinstance(fragment, dict) and self.state != "ended":
                         self._tool_fragment(fragment, events)
         finish_reason = choice.get("finish_reason")
         if finish_reason and isinstance(finish_reason, str):
@@ -1882,7 +2016,7 @@ class StreamTranslator:
 
     def finish(self, done: bool = True) -> List[Dict[str, Any]]:
         """Closing events at the end of the upstream stream ([DONE] or the connection's end)."""
-        if self.ended:
+        if self.state == "ended":
             return []
         if self.finish_reason == "error":
             return self.fail("api_error", "upstream ended the answer with finish_reason 'error'")
@@ -1893,27 +2027,29 @@ class StreamTranslator:
             return self.fail("api_error", "the upstream closed the stream after %d events, before the answer "
                              "ended" % self.chunks_seen)
         events: List[Dict[str, Any]] = []
-        self._flush_think_tags(events)        # held text joins the open block where it can
+        for kind, text in self.think.flush():    # held text joins the open block where it can
+            (self._thinking if kind == "thinking" else self._text)(text, events)
         self._close(events)
         self._flush_deferred(events)
         self._close(events)
-        for call in self.waiting:
+        for call in self.tools.calls:
+            if call.block is not None:
+                continue
             if not call.name:
                 if "".join(call.arguments).strip():
                     return self.fail("api_error", "upstream sent a tool call without a function name")
                 continue                          # a metadata-only fragment: nothing to call
             self._open_tool(call, events)
             self._close(events)
-        self.waiting = []
-        for call in self.calls:
+        for call in self.tools.calls:
             if call.block is not None and call.sent and not isinstance(_loads_or_none(call.arguments), dict):
                 # Its fragments went out already; ending normally would hand the client tool
                 # input that is not a JSON object. An error makes the client ask again.
                 return self.fail("api_error", "upstream sent tool call %s arguments that are not a "
                                  "complete JSON object" % call.id)
         stop_reason, stop_sequence = stop_reason_for(
-            self.finish_reason, any(c.block is not None for c in self.calls), self.text_tail, self.ctx.stop_sequences,
-            self.matched_stop)
+            self.finish_reason, any(c.block is not None for c in self.tools.calls), self.text_tail,
+            self.ctx.stop_sequences, self.matched_stop)
         usage = usage_to_anthropic(self.usage, self.ctx.input_tokens)
         if not self.usage or _count(self.usage.get("completion_tokens")) is None:
             usage["output_tokens"] = max(self.output_chars // 4, 1)
@@ -1921,14 +2057,14 @@ class StreamTranslator:
                        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                        "usage": usage})
         events.append({"type": "message_stop"})
-        self.ended = True
+        self.state = "ended"
         self.result = StreamEnd(stop_reason, stop_sequence, usage)
         return events
 
     def fail(self, error_type: str, message: str) -> List[Dict[str, Any]]:
-        if self.ended:
+        if self.state == "ended":
             return []
-        self.ended = True
+        self.state = "ended"
         error = {"type": error_type, "message": message}
         self.result = StreamEnd(error=error)
         return [{"type": "error", "error": error}]
@@ -1939,20 +2075,20 @@ class StreamTranslator:
         self._close(events)
         index = self.next_index
         self.next_index += 1
-        self.open = kind
+        self.state = kind
         events.append({"type": "content_block_start", "index": index, "content_block": content_block})
         return index
 
     def _close(self, events: List[Dict[str, Any]]) -> None:
-        if self.open is None:
+        if self.state == "idle":
             return
         index = self.next_index - 1
-        if self.open == "thinking":
+        if self.state == "thinking":
             signature = thinking_signature("".join(self.thinking))
             self.thinking = []
             events.append({"type": "content_block_delta", "index": index,
                            "delta": {"type": "signature_delta", "signature": signature}})
-        elif self.open == "tool":
+        elif self.state == "tool":
             if not self.current.sent:
                 # The arguments must add up to a JSON object; a call without any is {}.
                 events.append({"type": "content_block_delta", "index": index,
@@ -1960,19 +2096,15 @@ class StreamTranslator:
             self.current.closed = True
             self.current = None
         events.append({"type": "content_block_stop", "index": index})
-        self.open = None
+        self.state = "idle"
 
     def _tool_incomplete(self) -> bool:
-        return self.open == "tool" and not self.current.complete()
+        return self.state == "tool" and not self.current.complete()
 
     def _release_held(self, events: List[Dict[str, Any]]) -> None:
         """Content held back as a possible <think> tag is text after all, since another block
-        opens: it goes first (whitespace alone makes no block, as in the non-stream answer)."""
-        if self.think_tags == "start" and self.held:
-            held, self.held = self.held, ""
-            self.think_tags = "done"
-            if held.strip():
-                self._text(held, events)
+        opens: it goes first."""
+        self._text(self.think.release(), events)
 
     def _flush_deferred(self, events: List[Dict[str, Any]]) -> None:
         deferred, self.deferred = self.deferred, []
@@ -1987,49 +2119,14 @@ class StreamTranslator:
             self._thinking(text, events)
 
     def _content(self, text: str, events: List[Dict[str, Any]]) -> None:
-        """Content text, with a leading <think>…</think> section sent as thinking. The tags may
-        be split across chunks: text that may still turn out to be a tag waits in `held`."""
         if self.deferred or self._tool_incomplete():
             self.deferred.append(("text", text))
-            return None
-        if self.think_tags == "done":
-            return self._text(text, events)
-        held = self.held + text
-        self.held = ""
-        if self.think_tags == "start":
-            stripped = held.lstrip()
-            if len(stripped) < len(THINK_OPEN) and THINK_OPEN.startswith(stripped):
-                self.held = held
-                return None
-            if not stripped.startswith(THINK_OPEN):
-                self.think_tags = "done"
-                return self._text(held, events)
-            self.think_tags = "inside"
-            held = stripped[len(THINK_OPEN):]
-        end = held.find(THINK_CLOSE)
-        if end >= 0:
-            self.think_tags = "done"
-            if held[:end]:
-                self._thinking(held[:end], events)
-            return self._text(held[end + len(THINK_CLOSE):].lstrip("\n"), events)
-        keep = next((n for n in range(len(THINK_CLOSE) - 1, 0, -1) if held.endswith(THINK_CLOSE[:n])), 0)
-        if len(held) > keep:
-            self._thinking(held[:len(held) - keep], events)
-        self.held = held[len(held) - keep:]
-        return None
-
-    def _flush_think_tags(self, events: List[Dict[str, Any]]) -> None:
-        if self.think_tags == "start":
-            return self._release_held(events)
-        held, self.held = self.held, ""
-        if held:
-            (self._thinking if self.think_tags == "inside" else self._text)(held, events)
-        return None
+            return
+        for kind, piece in self.think.feed(text):
+            (self._thinking if kind == "thinking" else self._text)(piece, events)
 
     def _thinking(self, text: str, events: List[Dict[str, Any]]) -> None:
-        if self.think_tags == "start":
-            self.think_tags = "done"             # real reasoning: content is only content
-        if self.open != "thinking":
+        if self.state != "thinking":
             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, events)
         self.output_chars += len(text)
         self.thinking.append(text)
@@ -2039,8 +2136,7 @@ class StreamTranslator:
     def _text(self, text: str, events: List[Dict[str, Any]]) -> None:
         if not text:
             return
-        self.think_tags = "done"
-        if self.open != "text":
+        if self.state != "text":
             self._open("text", {"type": "text", "text": ""}, events)
         self.output_chars += len(text)
         if self.tail_length:
@@ -2048,53 +2144,11 @@ class StreamTranslator:
         events.append({"type": "content_block_delta", "index": self.next_index - 1,
                        "delta": {"type": "text_delta", "text": text}})
 
-    def _find_call(self, key: str, index: Any, name: str) -> Optional[_ToolCall]:
-        """The call a fragment continues, or None when it starts a new one."""
-        if key and key in self.calls_by_key:
-            return self.calls_by_key[key]
-        call = self.calls_by_index.get(index) if index is not None else (self.calls[-1] if self.calls else None)
-        if call is None:
-            return None
-        if key:
-            if call.key and (name or call.complete()):
-                return None                      # Gemini: another call at a repeated index
-            if not call.key:                     # the upstream's id arrived after the name
-                call.key = key
-                if call.block is None and key not in self.ctx.history_tool_ids:
-                    call.id = key
-            self.calls_by_key[key] = call        # (some servers send a new id on every fragment)
-        elif name and call.name and (name != call.name or call.complete()):
-            return None                          # a new call although neither id nor index says so
-        return call
-
     def _tool_fragment(self, fragment: Dict[str, Any], events: List[Dict[str, Any]]) -> None:
-        index = fragment.get("index")
-        if not isinstance(index, (int, str)):
-            index = None
-        key = _string(fragment.get("id"))
-        function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}
-        name = _string(function.get("name"))
-        arguments = function.get("arguments")
-        if arguments is None:
-            arguments = ""
-        elif not isinstance(arguments, str):
-            arguments = json.dumps(arguments)        # some servers send the arguments as an object
-        call = self._find_call(key, index, name)
-        if call is None:
-            if not name and not arguments:
-                return                               # metadata for no call we know
-            unique = key and key not in self.ctx.history_tool_ids and key not in self.calls_by_key
-            call = _ToolCall(key if unique else self.new_tool_id(), key, name)
-            self.calls.append(call)
-            self.waiting.append(call)
-            if index is not None:
-                self.calls_by_index[index] = call
-            if key:
-                self.calls_by_key[key] = call
-        elif name and not call.name:
-            call.name = name
-        if isinstance(fragment.get("extra_content"), dict) and call.block is None:
-            call.extra = {"extra_content": fragment["extra_content"]}
+        taken = self.tools.take(fragment)
+        if taken is None:
+            return
+        call, arguments = taken
         if arguments:
             if call.closed:
                 if arguments.strip():
@@ -2110,9 +2164,8 @@ class StreamTranslator:
             call.pending.append(arguments)
         # Opened once it has a name and either its id or some arguments (an id that comes
         # after the name is then still the one the client sees).
-        if call in self.waiting and call.name and (call.key or call.arguments) and \
+        if call.block is None and call.name and (call.key or call.arguments) and \
                 not self.deferred and not self._tool_incomplete():
-            self.waiting.remove(call)
             self._open_tool(call, events)
 
     def _open_tool(self, call: _ToolCall, events: List[Dict[str, Any]]) -> None:

@@ -985,13 +985,28 @@ def test_stream_surrogate_pair_split_across_reasoning_chunks():
     assert cp.is_proxy_signature(thinking["signature"], thinking["thinking"])
 
 
-@pytest.mark.parametrize("chunks", [
-    [chunk({"content": "<"}, "stop")],
-    [chunk({"content": "<think>a</thi"}), chunk({}, "stop")],
-    [chunk(tool_delta(0, '{"a":', "c1", "A")), chunk({"content": "hi"}), chunk({}, "stop")],
+@pytest.mark.parametrize("chunks, blocks", [
+    ([chunk({"content": "<"}, "stop")], [("text", "<")]),
+    ([chunk({"content": "<think>a</thi"}), chunk({}, "stop")], [("thinking", "a</thi")]),
+    ([chunk({"reasoning_content": "r"}), chunk({"content": "<thi"}), chunk({}, "stop")], [("thinking", "r"), ("text", "<thi")]),
+    ([chunk(tool_delta(0, '{"a":', "c1", "A")), chunk({"content": "hi"}), chunk(tool_delta(0, "1}")), chunk({}, "stop")],
+     [("tool_use", {"a": 1}), ("text", "hi")]),
+    ([chunk(tool_delta(0, '{"a":', "c1", "A")), chunk(tool_delta(1, '{"b":2}', "c2", "B")), chunk({"content": "hi"}),
+      chunk({}, "stop")], None),
 ])
-def test_stream_end_closes_every_block_it_opens(chunks):
-    run_translator(chunks)      # the grammar check inside fails on a block left open
+def test_stream_end_closes_every_block_it_opens(chunks, blocks):
+    # Held text, held tags, deferred text and waiting calls all come out, each block closed
+    # (the grammar check in run_translator fails on a block left open before message_delta).
+    events = run_translator(chunks)
+    if blocks is None:
+        # The open call never completed: an error instead of its content_block_stop, so that
+        # no client takes the broken input as a finished call; nothing after it.
+        assert events[-1]["type"] == "error" and "not a complete JSON object" in events[-1]["error"]["message"]
+        assert [e["type"] for e in events[2:]] == ["content_block_start", "content_block_delta", "error"]
+        return
+    assert events[-1]["type"] == "message_stop"
+    content = cp.assemble_message(events)["content"]
+    assert [(b["type"], b.get("text", b.get("thinking", b.get("input")))) for b in content] == blocks
 
 
 @pytest.mark.parametrize("chunks", [
@@ -2069,6 +2084,24 @@ def test_llamacpp_think_tags_in_content_become_thinking_even_split_across_chunks
 def test_content_that_only_looks_like_a_think_tag_is_text(pieces):
     events = run_translator([chunk({"content": p}) for p in pieces] + [chunk({}, "stop")])
     assert cp.assemble_message(events)["content"] == [{"type": "text", "text": "".join(pieces)}]
+
+
+def test_think_tags_after_real_reasoning_or_a_tool_call_are_text():
+    # Real reasoning means the content carries none; content after a call leads nothing.
+    after_reasoning = run_translator([chunk({"reasoning_content": "plan"}), chunk({"content": "<think>x</think>y"}),
+                                      chunk({}, "stop")])
+    assert [(b["type"], b.get("text")) for b in cp.assemble_message(after_reasoning)["content"]] == [
+        ("thinking", None), ("text", "<think>x</think>y")]
+    after_call = run_translator([chunk(tool_delta(0, "{}", "call_0", "A")), chunk({"content": "<think>x</think>"}),
+                                 chunk({}, "tool_calls")])
+    assert [b["type"] for b in cp.assemble_message(after_call)["content"]] == ["tool_use", "text"]
+
+
+@pytest.mark.parametrize("text, split", [
+    ("<think>a</think>\n\nb", ("a", "b")), ("  <think>a", ("a", "")), ("<thi", ("", "<thi")),
+    ("no tags <think>a</think>", ("", "no tags <think>a</think>")), ("<think></think>b", ("", "b"))])
+def test_split_think_tags_on_a_whole_answer(text, split):
+    assert cp.split_think_tags(text) == split
 
 
 def test_unclosed_think_tag_at_the_end_is_thinking():
