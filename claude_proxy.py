@@ -59,7 +59,7 @@ import urllib.parse
 from bisect import bisect_left, bisect_right
 from itertools import accumulate, repeat
 from operator import add
-from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, Mapping, NoReturn, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -135,6 +135,10 @@ class Settings:
         "auto", "OPENAI_API", "wire format of the default provider: chat (/chat/completions), responses "
         "(/responses), or auto: responses for models served only there (codex, and -pro on OpenAI and "
         "Azure); NAME_API does the same for provider NAME")
+    text_tool_calls: str = _setting(
+        "on", "TEXT_TOOL_CALLS", "on: a tool call a model wrote as text (<tool_call>, [TOOL_CALLS], "
+        "<|python_tag|>, or an answer that is only such JSON) to an offered tool becomes a tool_use "
+        "block, as local servers without a tool parser leave them; off: text stays text")
     keepalive_timeout: float = _setting(
         60.0, "KEEPALIVE_TIMEOUT", "seconds an idle kept-alive client connection is kept open")
     web_search: str = _setting(
@@ -248,7 +252,7 @@ def load_settings(environ: Dict[str, str], argv: List[str], dotenv_text: str = "
 
 CHOICES = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "log_format": ("text", "json"),
            "openai_api": ("chat", "responses", "auto"),
-           "upstream_streaming": ("on", "off"),
+           "upstream_streaming": ("on", "off"), "text_tool_calls": ("on", "off"),
            "reasoning_replay": ("auto", "off", "reasoning_content", "reasoning")}
 
 
@@ -1109,6 +1113,15 @@ def upstream_tools(request: Dict[str, Any]) -> List[Dict[str, Any]]:
             if _is_function_tool(tool) and not (tool.get("defer_loading") and tool["name"] not in loaded)]
 
 
+def text_tools(request: Dict[str, Any]) -> Dict[str, Any]:
+    """Name -> input schema of the tools the model is offered, whose calls may come back written
+    as text (none when tool_choice is none)."""
+    choice = request.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "none":
+        return {}
+    return {t["function"]["name"]: t["function"]["parameters"] for t in upstream_tools(request)}
+
+
 def _tool_choice(choice: Dict[str, Any]) -> Any:
     kind = choice.get("type")
     if kind == "tool":
@@ -1504,6 +1517,7 @@ class ResponseContext:
     stop_sequences: Tuple[str, ...] = ()
     input_tokens: int = 0                       # estimate, until the upstream reports usage
     history_tool_ids: FrozenSet[str] = frozenset()   # tool_use ids already in the conversation
+    text_tools: Optional[Mapping[str, Any]] = None   # name -> schema of tools whose calls may come as text
 
 
 def _repair_json(raw: str) -> Any:
@@ -1683,6 +1697,217 @@ def split_think_tags(text: str) -> Tuple[str, str]:
     return "".join(t for kind, t in pieces if kind == "thinking"), "".join(t for kind, t in pieces if kind == "text")
 
 
+# Tool calls written as text. Local servers without a tool parser (Ollama, LM Studio, llama.cpp,
+# vLLM) leave the call in the content as the model printed it: Hermes and Qwen
+# `<tool_call>{"name", "arguments"}</tool_call>` (Qwen3-Coder: `<function=NAME><parameter=KEY>
+# value</parameter></function>` inside), Mistral `[TOOL_CALLS][{…}]` or `[TOOL_CALLS]NAME[ARGS]{…}`,
+# Llama `<|python_tag|>{"name", "parameters"}`, or an answer that is nothing but such a JSON
+# object. Only a call to an offered tool whose arguments parse counts; anything else stays text.
+
+TEXT_CALL_OPENERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+TEXT_CALL_CLOSERS = {"<tool_call>": "</tool_call>"}
+_CALL_KEYS = frozenset(("name", "arguments", "parameters", "type", "id", "function"))
+_SPECIAL_TOKENS = re.compile(r"(?:<\|eom_id\|>|<\|eot_id\|>|<\|im_end\|>|</s>)\s*$")
+_XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)</function>", re.S)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)</parameter>", re.S)
+_FIRST_KEY = re.compile(r'\{\s*"([^"\\]*)"\s*:')
+TextCall = Tuple[str, Dict[str, Any]]
+
+
+def _call_arguments(value: Any) -> Optional[Dict[str, Any]]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            return None
+    return value if isinstance(value, dict) else None
+
+
+def _json_calls(text: str, tools: Mapping[str, Any], bare: bool = False) -> Optional[List[TextCall]]:
+    """Calls in JSON text: {"name", "arguments" | "parameters"} (or {"function": {…}}), or a list
+    of them. Bare JSON (no marker around it) must carry nothing else, arguments included."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    calls = []
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, dict) or (bare and not (set(item) <= _CALL_KEYS)):
+            return None
+        function = item["function"] if isinstance(item.get("function"), dict) else item
+        if bare and "arguments" not in function and "parameters" not in function:
+            return None
+        name = function.get("name")
+        arguments = _call_arguments(function.get("arguments", function.get("parameters")))
+        if not isinstance(name, str) or name not in tools or arguments is None:
+            return None
+        calls.append((name, arguments))
+    return calls or None
+
+
+def _xml_value(raw: str, schema: Any) -> Any:
+    raw = raw[1:] if raw.startswith("\n") else raw
+    raw = raw[:-1] if raw.endswith("\n") else raw
+    if isinstance(schema, dict) and schema.get("type") == "string":
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _xml_calls(text: str, tools: Mapping[str, Any]) -> Optional[List[TextCall]]:
+    """Qwen3-Coder's calls: <function=NAME><parameter=KEY>value</parameter>…</function>; a value
+    is JSON unless the tool's schema says the parameter is a string."""
+    matches = list(_XML_FUNCTION.finditer(text))
+    if not matches or _XML_FUNCTION.sub("", text).strip():
+        return None
+    calls = []
+    for match in matches:
+        name = match.group(1)
+        if name not in tools:
+            return None
+        schema = tools[name] if isinstance(tools[name], dict) else {}
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        calls.append((name, {p.group(1): _xml_value(p.group(2), properties.get(p.group(1)))
+                             for p in _XML_PARAMETER.finditer(match.group(2))}))
+    return calls
+
+
+def _mistral_calls(text: str, tools: Mapping[str, Any]) -> Optional[List[TextCall]]:
+    """After [TOOL_CALLS]: a JSON list of calls, or NAME[ARGS]{…} (newer tokenizers, perhaps
+    with [CALL_ID]ID before [ARGS]), several of them each after its own [TOOL_CALLS]."""
+    if text.lstrip()[:1] in ("[", "{"):
+        return _json_calls(text.strip(), tools)
+    calls = []
+    for part in text.split("[TOOL_CALLS]"):
+        name, found, arguments = part.partition("[ARGS]")
+        name = name.split("[CALL_ID]")[0].strip()
+        parsed = _call_arguments(arguments.strip()) if found and arguments.strip() else None
+        if name not in tools or parsed is None:
+            return None
+        calls.append((name, parsed))
+    return calls
+
+
+def parse_text_calls(opener: str, body: str, tools: Mapping[str, Any]) -> Optional[List[TextCall]]:
+    """The calls between an opener and its closer (or the end), or None if it is not that."""
+    body = _SPECIAL_TOKENS.sub("", body).strip()
+    if opener == "[TOOL_CALLS]":
+        return _mistral_calls(body, tools)
+    if opener == "<tool_call>" and body.startswith("<function="):
+        return _xml_calls(body, tools)
+    return _json_calls(body, tools)
+
+
+class TextToolCalls:
+    """Content text in, ("text", str) and ("call", (name, arguments)) pieces out, for tool calls
+    a model wrote as text (see above). Streams as ThinkSplitter does: text goes out as it comes,
+    except what may be the start of an opener (held until it is clear), a call up to its closer
+    (or the end, for openers without one), and an answer that opens with "{" naming a call key
+    (held to the end: it is either a call or given back as the text it was). An opener inside a
+    ``` code block is text. Its state::
+
+        start ── "{" + a call key ──▶ bare ── end ──▶ calls, or the text
+          └── anything else ──▶ text ── opener ──▶ call ── closer or end ──▶ text
+    """
+
+    def __init__(self, tools: Mapping[str, Any]) -> None:
+        self.tools = tools
+        self.state = "start"
+        self.held = ""
+        self.opener = ""
+        self.fences = 0            # ``` sent as text: odd means inside a code block
+        self.tail = ""             # the last two characters sent as text
+        self.after_call = False    # whitespace right after a call is dropped
+
+    def feed(self, text: str) -> List[Tuple[str, Any]]:
+        self.held += text
+        out: List[Tuple[str, Any]] = []
+        self._scan(out, False)
+        return out
+
+    def flush(self) -> List[Tuple[str, Any]]:
+        out: List[Tuple[str, Any]] = []
+        self._scan(out, True)
+        return out
+
+    def _text(self, out: List[Tuple[str, Any]], text: str) -> None:
+        if self.after_call:
+            text = text.lstrip()
+            self.after_call = bool(not text)
+        if text:
+            self.fences += (self.tail + text).count("```")   # a fence may be split across pieces
+            self.tail = (self.tail + text)[-2:].lstrip("`") if text.endswith("```") else (self.tail + text)[-2:]
+            if out and out[-1][0] == "text":
+                out[-1] = ("text", out[-1][1] + text)
+            else:
+                out.append(("text", text))
+
+    def _calls(self, out: List[Tuple[str, Any]], calls: List[TextCall]) -> None:
+        out.extend(("call", call) for call in calls)
+        self.after_call = True
+
+    def _scan(self, out: List[Tuple[str, Any]], final: bool) -> None:
+        while True:
+            if self.state == "start":
+                stripped = self.held.lstrip()
+                if not stripped:
+                    if final:
+                        self._text(out, self.held)
+                        self.held = ""
+                    return
+                key = _FIRST_KEY.match(stripped)
+                if stripped[0] == "{" and not key and not final and len(stripped) < 64 and ":" not in stripped:
+                    return                                   # too early to tell
+                self.state = "bare" if key and key.group(1) in _CALL_KEYS else "text"
+            elif self.state == "bare":
+                if not final:
+                    return
+                calls = _json_calls(self.held.strip(), self.tools, bare=True)
+                if calls:
+                    self.held = ""
+                    return self._calls(out, calls)
+                self.state = "text"
+            elif self.state == "text":
+                found = [(self.held.find(o), o) for o in TEXT_CALL_OPENERS if o in self.held]
+                if not found:
+                    keep = 0 if final else next((n for n in range(max(map(len, TEXT_CALL_OPENERS)) - 1, 0, -1)
+                                                 if any(o.startswith(self.held[-n:]) for o in TEXT_CALL_OPENERS)
+                                                 and len(self.held) >= n), 0)
+                    self._text(out, self.held[:len(self.held) - keep])
+                    self.held = self.held[len(self.held) - keep:]
+                    return
+                at, opener = min(found)
+                self._text(out, self.held[:at])
+                self.held = self.held[at + len(opener):]
+                if self.fences % 2:
+                    self._text(out, opener)                  # inside a code block
+                    continue
+                self.state, self.opener = "call", opener
+            else:                                            # call
+                closer = TEXT_CALL_CLOSERS.get(self.opener, "")
+                end = self.held.find(closer) if closer else -1
+                if end < 0 and not final:
+                    return
+                body, rest = (self.held[:end], self.held[end + len(closer):]) if end >= 0 else (self.held, "")
+                calls = parse_text_calls(self.opener, body, self.tools)
+                if calls:
+                    self._calls(out, calls)
+                else:
+                    self._text(out, self.opener + body + (closer if end >= 0 else ""))
+                self.held, self.state = rest, "text"
+
+
+def split_text_calls(text: str, tools: Mapping[str, Any]) -> Tuple[str, List[TextCall]]:
+    """(the text left, the calls) of a whole answer, by TextToolCalls."""
+    splitter = TextToolCalls(tools)
+    pieces = splitter.feed(text) + splitter.flush()
+    return "".join(p for kind, p in pieces if kind == "text"), [p for kind, p in pieces if kind == "call"]
+
+
 def _reasoning_of(message: Dict[str, Any]) -> str:
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     return reasoning if isinstance(reasoning, str) else ""
@@ -1710,8 +1935,12 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
         content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
     tool_calls = message.get("tool_calls")
     calls = [c for c in tool_calls if isinstance(c, dict)] if isinstance(tool_calls, list) else []
+    text_calls: List[TextCall] = []
+    if ctx.text_tools and not calls:
+        text, text_calls = split_text_calls(text, ctx.text_tools)
     stop_reason, stop_sequence = stop_reason_for(
-        _string(choice.get("finish_reason")) or None, bool(calls), text, ctx.stop_sequences, choice.get("stop_reason"))
+        _string(choice.get("finish_reason")) or None, bool(calls or text_calls), text, ctx.stop_sequences,
+        choice.get("stop_reason"))
     if stop_sequence and text.endswith(stop_sequence):
         text = text[:-len(stop_sequence)]
     if text.strip():                         # whitespace alone makes no block, as in a stream
@@ -1736,6 +1965,8 @@ def to_anthropic(completion: Dict[str, Any], ctx: ResponseContext,
         used_ids.add(call_id)
         content.append({"type": "tool_use", "id": call_id, "name": name,
                         "input": parse_tool_arguments(arguments)})
+    for name, arguments in text_calls:
+        content.append({"type": "tool_use", "id": new_tool_id(), "name": name, "input": arguments})
     return {"id": ctx.message_id, "type": "message", "role": "assistant", "model": ctx.model,
             "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": usage_to_anthropic(completion.get("usage"), ctx.input_tokens)}
@@ -1937,6 +2168,8 @@ class StreamTranslator:
         self.current: Optional[_ToolCall] = None   # the open call, in state "tool"
         self.thinking: List[str] = []              # the open thinking block's text, for its signature
         self.think = ThinkSplitter()
+        self.text_calls = TextToolCalls(ctx.text_tools) if ctx.text_tools else None
+        self.text_call_count = 0                   # tool_use blocks made from calls written as text
         self.tools = ToolCalls(ctx.history_tool_ids, new_tool_id)
         self.deferred: List[Tuple[str, str]] = []  # text/reasoning held while a call is incomplete
         self.finish_reason: Optional[str] = None
@@ -2028,7 +2261,9 @@ class StreamTranslator:
                              "ended" % self.chunks_seen)
         events: List[Dict[str, Any]] = []
         for kind, text in self.think.flush():    # held text joins the open block where it can
-            (self._thinking if kind == "thinking" else self._text)(text, events)
+            (self._thinking if kind == "thinking" else self._answer)(text, events)
+        if self.text_calls is not None:
+            self._text_pieces(self.text_calls.flush(), events)
         self._close(events)
         self._flush_deferred(events)
         self._close(events)
@@ -2048,7 +2283,8 @@ class StreamTranslator:
                 return self.fail("api_error", "upstream sent tool call %s arguments that are not a "
                                  "complete JSON object" % call.id)
         stop_reason, stop_sequence = stop_reason_for(
-            self.finish_reason, any(c.block is not None for c in self.tools.calls), self.text_tail,
+            self.finish_reason, self.text_call_count > 0 or any(c.block is not None for c in self.tools.calls),
+            self.text_tail,
             self.ctx.stop_sequences, self.matched_stop)
         usage = usage_to_anthropic(self.usage, self.ctx.input_tokens)
         if not self.usage or _count(self.usage.get("completion_tokens")) is None:
@@ -2123,7 +2359,26 @@ class StreamTranslator:
             self.deferred.append(("text", text))
             return
         for kind, piece in self.think.feed(text):
-            (self._thinking if kind == "thinking" else self._text)(piece, events)
+            (self._thinking if kind == "thinking" else self._answer)(piece, events)
+
+    def _answer(self, text: str, events: List[Dict[str, Any]]) -> None:
+        """Answer text, with tool calls written as text taken out when tools were offered."""
+        if self.text_calls is None:
+            self._text(text, events)
+        else:
+            self._text_pieces(self.text_calls.feed(text), events)
+
+    def _text_pieces(self, pieces: List[Tuple[str, Any]], events: List[Dict[str, Any]]) -> None:
+        for kind, piece in pieces:
+            if kind == "text":
+                self._text(piece, events)
+                continue
+            name, arguments = piece
+            call = _ToolCall(self.tools.new_tool_id(), "", name)
+            self._open_tool(call, events)
+            self._send_arguments(call, json.dumps(arguments, ensure_ascii=False), events)
+            self._close(events)
+            self.text_call_count += 1
 
     def _thinking(self, text: str, events: List[Dict[str, Any]]) -> None:
         if self.state != "thinking":
@@ -3984,7 +4239,8 @@ class Exchange:
         self.ctx = ResponseContext(
             model=request["model"], message_id=new_id("msg_"),
             stop_sequences=tuple(s for s in request.get("stop_sequences") or () if isinstance(s, str)),
-            history_tool_ids=history_tool_ids(request["messages"]))
+            history_tool_ids=history_tool_ids(request["messages"]),
+            text_tools=text_tools(request) if server.settings.text_tool_calls.lower() == "on" else None)
 
     def __enter__(self) -> "Exchange":
         return self

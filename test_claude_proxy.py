@@ -2109,6 +2109,150 @@ def test_unclosed_think_tag_at_the_end_is_thinking():
     assert [b["type"] for b in cp.assemble_message(events)["content"]] == ["thinking"]
 
 
+# Tool calls written as text (local servers without a tool parser) -------------------------------
+
+TEXT_TOOLS = {"Bash": {"type": "object", "properties": {"command": {"type": "string"}, "timeout": {"type": "number"}}},
+              "Read": {"type": "object", "properties": {"file_path": {"type": "string"}, "limit": {"type": "integer"}}}}
+BASH_LS = ("Bash", {"command": "ls -la"})
+
+TEXT_CALL_CASES = [
+    # Hermes / Qwen2.5 / Qwen3 through Ollama or vLLM without a parser, prose before it
+    ('I will list the files.\n<tool_call>\n{"name": "Bash", "arguments": {"command": "ls -la"}}\n</tool_call>',
+     "I will list the files.\n", [BASH_LS]),
+    # two calls, whitespace between them dropped
+    ('<tool_call>\n{"name": "Bash", "arguments": {"command": "ls -la"}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "Read", "arguments": {"file_path": "/a"}}\n</tool_call>', "", [BASH_LS, ("Read", {"file_path": "/a"})]),
+    # arguments as a JSON string; the closing tag left off at the end of the answer
+    ('<tool_call>{"name": "Bash", "arguments": "{\\"command\\": \\"ls -la\\"}"}', "", [BASH_LS]),
+    # Qwen3-Coder's XML, typed by the schema: a string stays a string, a number is a number
+    ("<tool_call>\n<function=Bash>\n<parameter=command>\necho 42\n</parameter>\n<parameter=timeout>\n5\n"
+     "</parameter>\n</function>\n</tool_call>", "", [("Bash", {"command": "echo 42", "timeout": 5})]),
+    # Mistral, old and new tokenizers, and [CALL_ID]
+    ('[TOOL_CALLS][{"name": "Bash", "arguments": {"command": "ls -la"}}]', "", [BASH_LS]),
+    ('[TOOL_CALLS]Bash[ARGS]{"command": "ls -la"}[TOOL_CALLS]Read[ARGS]{"file_path": "/a"}', "",
+     [BASH_LS, ("Read", {"file_path": "/a"})]),
+    ('[TOOL_CALLS]Bash[CALL_ID]a1b2c3d4e[ARGS]{"command": "ls -la"}', "", [BASH_LS]),
+    # Llama 3.x: parameters, and the end-of-message token
+    ('<|python_tag|>{"name": "Bash", "parameters": {"command": "ls -la"}}<|eom_id|>', "", [BASH_LS]),
+    # an answer that is only the JSON (Llama 3.2 adds "type")
+    ('\n{"type": "function", "name": "Bash", "parameters": {"command": "ls -la"}}\n', "", [BASH_LS]),
+    ('{"name": "Read", "arguments": {"file_path": "/a", "limit": 3}}', "", [("Read", {"file_path": "/a", "limit": 3})]),
+]
+
+TEXT_NOT_CALLS = [
+    "Use the tool like this: `Bash` with ls.",
+    '{"name": "Bash", "age": 3}',                                            # data, not a call
+    '{"name": "Bash", "arguments": {"command": "ls"}} is what a call looks like.',   # prose after it
+    'Here is the config:\n{"name": "Bash", "arguments": {"command": "ls"}}',  # JSON inside prose
+    '```\n<tool_call>\n{"name": "Bash", "arguments": {"command": "ls"}}\n</tool_call>\n```',  # in a code block
+    '<tool_call>{"name": "Rm", "arguments": {"path": "/"}}</tool_call>',       # a tool not offered
+    '<tool_call>{"name": "Bash", "arguments": {"command": </tool_call>',        # arguments that do not parse
+    '[TOOL_CALLS]Bash{"command": "ls"}',                                       # no [ARGS]
+    "<tool_call> is the Hermes tag; <|python_tag|> is Llama's.",
+    "{not json at all",
+    "  <tool_",
+]
+
+
+@pytest.mark.parametrize("text, rest, calls", TEXT_CALL_CASES)
+def test_tool_calls_written_as_text_are_found(text, rest, calls):
+    assert cp.split_text_calls(text, TEXT_TOOLS) == (rest, calls)
+
+
+@pytest.mark.parametrize("text", TEXT_NOT_CALLS)
+def test_text_that_is_not_a_call_to_an_offered_tool_stays_text(text):
+    assert cp.split_text_calls(text, TEXT_TOOLS) == (text, [])
+
+
+def text_call_stream(pieces, tools=TEXT_TOOLS, finish="stop"):
+    ctx = cp.ResponseContext(model="m", message_id="msg_1", text_tools=tools)
+    translator = cp.StreamTranslator(ctx, ids())
+    events = translator.start()
+    for piece in pieces:
+        events += translator.feed(chunk({"content": piece}))
+    events += translator.feed(chunk({}, finish)) + translator.finish()
+    return check_stream([(e["type"], e) for e in events])
+
+
+def blocks_of(message):
+    return [(b["type"], b.get("text", b.get("name")), b.get("input")) for b in message["content"]]
+
+
+@pytest.mark.parametrize("text", [c[0] for c in TEXT_CALL_CASES] + TEXT_NOT_CALLS)
+def test_text_calls_stream_the_same_split_anywhere(text):
+    """Cut at every position (two pieces) and in one-character pieces, the stream gives the
+    same message as the whole answer, whose stop reason is tool_use exactly when calls came."""
+    whole = cp.to_anthropic(completion({"content": text}), cp.ResponseContext(
+        model="m", message_id="msg_1", text_tools=TEXT_TOOLS), ids())
+    expected = blocks_of(whole)
+    for cut in range(1, len(text)):
+        assert blocks_of(cp.assemble_message(text_call_stream([text[:cut], text[cut:]]))) == expected, cut
+    message = cp.assemble_message(text_call_stream(list(text)))
+    assert blocks_of(message) == expected
+    has_calls = any(b["type"] == "tool_use" for b in whole["content"])
+    assert message["stop_reason"] == whole["stop_reason"] == ("tool_use" if has_calls else "end_turn")
+
+
+def test_prose_before_a_text_call_streams_before_the_call_arrives():
+    # Only what may start an opener is held back: the prose goes out at once.
+    ctx = cp.ResponseContext(model="m", message_id="msg_1", text_tools=TEXT_TOOLS)
+    translator = cp.StreamTranslator(ctx, ids())
+    translator.start()
+    events = translator.feed(chunk({"content": "Listing the files now. <tool"}))
+    assert [e["delta"]["text"] for e in events if e["type"] == "content_block_delta"] == ["Listing the files now. "]
+    events = translator.feed(chunk({"content": '_call>{"name": "Bash", "arguments": {"command": "ls -la"}}'}))
+    assert events == []
+    events = translator.feed(chunk({"content": "</tool_call>"}))
+    assert [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"] == ["tool_use"]
+
+
+def test_text_calls_need_offered_tools():
+    text = TEXT_CALL_CASES[0][0]
+    for ctx in (cp.ResponseContext(model="m", message_id="msg_1"),
+                cp.ResponseContext(model="m", message_id="msg_1", text_tools={})):
+        message = cp.to_anthropic(completion({"content": text}), ctx, ids())
+        assert blocks_of(message) == [("text", text, None)] and message["stop_reason"] == "end_turn"
+
+
+def test_text_tools_are_the_tools_sent_upstream():
+    request = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+               "tools": [{"name": "Bash", "input_schema": {"type": "object"}},
+                         {"name": "Later", "input_schema": {"type": "object"}, "defer_loading": True},
+                         {"type": "web_search_20250305", "name": "web_search"}]}
+    assert cp.text_tools(request) == {"Bash": {"type": "object"}}
+    assert cp.text_tools(dict(request, tool_choice={"type": "none"})) == {}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_end_to_end_text_tool_call_becomes_tool_use(upstream, stream):
+    text = 'Let me look.\n<tool_call>\n{"name": "Bash", "arguments": {"command": "echo hi"}}\n</tool_call>'
+    reply = sse_reply([chunk({"role": "assistant", "content": ""})] + [chunk({"content": text[i:i + 7]})
+                      for i in range(0, len(text), 7)] + [chunk({}, "stop")]) if stream else json_text(text)
+    upstream.script.append(reply)
+    with running_proxy(upstream.url) as server:
+        client = Client(server)
+        request = claude_code_request(stream=stream)
+        if stream:
+            message = cp.assemble_message(client.stream(request))
+        else:
+            status, _, message = client.json("POST", "/v1/messages", request)
+            assert status == 200
+    assert message["stop_reason"] == "tool_use"
+    assert [b["type"] for b in message["content"]] == ["text", "tool_use"]
+    assert message["content"][0]["text"] == "Let me look.\n"
+    call = message["content"][1]
+    assert call["name"] == "Bash" and call["input"] == {"command": "echo hi"} and call["id"].startswith("toolu_")
+
+
+def test_end_to_end_text_tool_calls_off_leaves_the_text(upstream):
+    text = '<tool_call>{"name": "Bash", "arguments": {"command": "echo hi"}}</tool_call>'
+    upstream.script.append(json_text(text))
+    with running_proxy(upstream.url, text_tool_calls="off") as server:
+        status, _, message = Client(server).json("POST", "/v1/messages", claude_code_request(stream=False))
+    assert status == 200 and message["content"] == [{"type": "text", "text": text}]
+    assert message["stop_reason"] == "end_turn"
+
+
 # Stream and non-stream agree: the same answer, sent both ways, gives the same message.
 AGREEMENT_CASES = [
     ("text", {"content": "Hello there"}, [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello "}),
