@@ -866,6 +866,38 @@ def test_mistral_magistral_typed_parts_become_thinking_then_text_streaming_and_n
     assert refused["content"] == [{"type": "text", "text": "No."}] and refused["stop_reason"] == "refusal"
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_end_to_end_magistral_typed_parts(upstream, stream):
+    if stream:
+        upstream.script.append(sse_reply([chunk({"role": "assistant", "content": [MAGISTRAL_PARTS[0]]}),
+                                          chunk({"content": [MAGISTRAL_PARTS[1]]}), chunk({}, "stop")]))
+    else:
+        upstream.script.append(json_reply(completion({"content": MAGISTRAL_PARTS})))
+    with running_proxy(upstream.url) as server:
+        client = Client(server)
+        request = claude_code_request(stream=stream, tools=8)
+        if stream:
+            message = cp.assemble_message(client.stream(request))
+        else:
+            message = client.json("POST", "/v1/messages", request)[2]
+    assert [(b["type"], b.get("thinking") or b.get("text")) for b in message["content"]] == [
+        ("thinking", "Let me think."), ("text", "The answer is 4.")]
+
+
+def test_end_to_end_stream_without_finish_reason_and_usage_only_in_x_groq(upstream):
+    # The shape of OpenRouter relaying Kimi K2 behind Groq: no finish_reason at all, the usage
+    # only in the last chunk's x_groq, then [DONE]: a finished answer with the real usage.
+    upstream.script.append(sse_reply([
+        chunk({"role": "assistant", "content": ""}), chunk(tool_delta(0, '{"command": "ls"}', "call_1", "Bash")),
+        {"id": "c", "object": "chat.completion.chunk", "choices": [],
+         "x_groq": {"id": "req_1", "usage": {"prompt_tokens": 359, "completion_tokens": 12}}}]))
+    with running_proxy(upstream.url) as server:
+        events = Client(server).stream(claude_code_request())
+    message = cp.assemble_message(events)
+    assert message["stop_reason"] == "tool_use" and message["content"][0]["input"] == {"command": "ls"}
+    assert (message["usage"]["input_tokens"], message["usage"]["output_tokens"]) == (359, 12)
+
+
 def test_groq_usage_in_x_groq_is_the_usage_reported():
     last = chunk({}, "stop", x_groq={"id": "req_1", "usage": {"prompt_tokens": 359, "completion_tokens": 12}})
     events = run_translator([chunk({"content": "hi"}), last], input_tokens=1613)
