@@ -4232,6 +4232,7 @@ class Exchange:
         self.conn: Optional[http.client.HTTPConnection] = None
         self.response: Optional[http.client.HTTPResponse] = None
         self.watch: Optional[Watched] = None
+        self.writer: Optional[SSEWriter] = None        # a stream already started (web search): pings
         self.left = False                               # the heartbeat found the client gone
         self.input_estimate: Optional[int] = None
         self.translator: Any = None
@@ -4264,7 +4265,7 @@ class Exchange:
         if conn is None:
             return
         # From here the heartbeat watches for the client leaving while the upstream works.
-        self.watch = self.server.heartbeat.watch(self.client, conn)
+        self.watch = self.server.heartbeat.watch(self.client, conn, self.writer)
         if self.stream and self.input_estimate is None:
             # message_start carries an input estimate: made while the upstream reads.
             self.input_estimate = estimate_tokens(self.request)
@@ -4757,28 +4758,42 @@ def run_web_search(request: Dict[str, Any], call_model: Callable[[Dict[str, Any]
             "usage": dict(usage, server_tool_use={"web_search_requests": asked})}
 
 
+def web_search_block_events(block: Dict[str, Any], index: int) -> List[Dict[str, Any]]:
+    """The events that stream one block of a run_web_search message, server blocks as Anthropic
+    streams them (server_tool_use: its shell, then input_json_delta; web_search_tool_result:
+    the whole block in content_block_start, no delta)."""
+    if block["type"] == "web_search_tool_result":
+        return [{"type": "content_block_start", "index": index, "content_block": block},
+                {"type": "content_block_stop", "index": index}]
+    if block["type"] == "server_tool_use":
+        return [{"type": "content_block_start", "index": index, "content_block": dict(block, input={})},
+                {"type": "content_block_delta", "index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}},
+                {"type": "content_block_stop", "index": index}]
+    alone = message_to_events({"content": [block], "stop_reason": None, "stop_sequence": None, "usage": {}})
+    return [dict(event, index=index) for event in alone[2:-2]]
+
+
+def web_search_start(message_id: str, model: str) -> List[Dict[str, Any]]:
+    """message_start and a ping, sent before the first block (the usage comes at the end)."""
+    return [{"type": "message_start", "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}},
+        {"type": "ping"}]
+
+
+def web_search_end(message: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [{"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                                 "stop_sequence": message["stop_sequence"]},
+             "usage": message["usage"]}, {"type": "message_stop"}]
+
+
 def web_search_events(message: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The events that stream a finished run_web_search message: message_to_events, with the
-    server blocks as Anthropic streams them (server_tool_use: its shell, then input_json_delta;
-    web_search_tool_result: the whole block in content_block_start, no delta)."""
-    server = {i: b for i, b in enumerate(message["content"])
-              if b["type"] in ("server_tool_use", "web_search_tool_result")}
-    plain = [{"type": "text", "text": ""} if i in server else b for i, b in enumerate(message["content"])]
-    events = []
-    for event in message_to_events(dict(message, content=plain)):
-        block = server.get(event["index"]) if "index" in event else None
-        if block is None:
-            events.append(event)
-        elif event["type"] == "content_block_start":
-            shell = dict(block, input={}) if block["type"] == "server_tool_use" else block
-            events.append(dict(event, content_block=shell))
-        elif event["type"] == "content_block_delta":
-            if block["type"] == "server_tool_use":
-                events.append(dict(event, delta={"type": "input_json_delta", "partial_json": json.dumps(
-                    block["input"], ensure_ascii=False)}))
-        else:
-            events.append(event)
-    return events
+    """Every event of a finished run_web_search message."""
+    events = web_search_start(message["id"], message["model"])
+    for index, block in enumerate(message["content"]):
+        events += web_search_block_events(block, index)
+    return events + web_search_end(message)
 
 
 # =============================================================================================
@@ -6097,13 +6112,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _web_search(self, request: Dict[str, Any], session: str) -> None:
         """A request with a web_search_* tool: run_web_search, each model call a fresh Exchange
-        on a non-streaming copy (failover and fixes apply); a stream gets the finished message."""
+        on a non-streaming copy (failover and fixes apply). A stream starts with the first
+        block (so an error in the first model call keeps its HTTP status); from then on each
+        block goes out as soon as it is known, pings keep the stream alive while the model
+        works, and an error is an `event: error`."""
         access = self.access
-        access.update(model=request["model"], stream=bool(request.get("stream")), searches=0)
+        stream = bool(request.get("stream"))
+        access.update(model=request["model"], stream=stream, searches=0)
+        message_id = new_id("msg_")
+        out: Dict[str, Any] = {"writer": None, "index": 0}
+
+        def start_stream() -> SSEWriter:
+            if out["writer"] is None:
+                out["writer"] = SSEWriter(self.wfile, lambda: None, self.connection, self._stream_head())
+                out["writer"].write(web_search_start(message_id, request["model"]))
+            return out["writer"]
+
+        def send_block(block: Dict[str, Any]) -> None:
+            if stream:
+                start_stream().write(web_search_block_events(block, out["index"]))
+                out["index"] += 1
 
         def call_model(body: Dict[str, Any]) -> Dict[str, Any]:
             with Exchange(self.server, body, self.connection, session) as exchange:
                 self.exchange = exchange
+                exchange.writer = out["writer"]          # pings while the model works
                 try:
                     exchange.open()
                 finally:
@@ -6111,18 +6144,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                   failed=exchange.failed, api=exchange.wire)
                 return exchange.message()
 
-        message = run_web_search(request, call_model, make_search(self.server.settings), new_id)
-        self.exchange = None
+        try:
+            message = run_web_search(request, call_model, make_search(self.server.settings), new_id, send_block)
+        except ProxyError as err:
+            if out["writer"] is None or (self.exchange is not None and self.exchange.client_gone):
+                raise
+            text = self.server.redact(err.message)
+            self.log_note = "stream error: %s: %s" % (err.error_type, text)
+            out["writer"].end([{"type": "error", "error": {"type": err.error_type, "message": text}}])
+            return
+        finally:
+            self.exchange = None
+        message["id"] = message_id
         access["searches"] = message["usage"]["server_tool_use"]["web_search_requests"]
         self._note_usage(message["usage"])
-        if not request.get("stream"):
+        if not stream:
             return self._send_json(200, message)
-        writer = SSEWriter(self.wfile, lambda: None, self.connection, self._stream_head())
-        try:
-            writer.end(web_search_events(message))
-        except ClientGone:
-            self.close_connection = True
-            self.log_note += " client went away"
+        start_stream().end(web_search_end(message))
 
     def _stream_head(self) -> bytes:
         """Send the head of a streamed response; the bytes the SSE writer must send before the

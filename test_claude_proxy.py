@@ -43,7 +43,8 @@ def ids(prefix="toolu_gen"):
 # =============================================================================================
 
 DELTA_FOR_BLOCK = {"text": {"text_delta"}, "tool_use": {"input_json_delta"},
-                   "thinking": {"thinking_delta", "signature_delta"}}
+                   "thinking": {"thinking_delta", "signature_delta"},
+                   "server_tool_use": {"input_json_delta"}, "web_search_tool_result": set()}
 
 
 def parse_sse(raw: bytes):
@@ -88,6 +89,13 @@ def check_stream(frames):
             open_index, open_type, next_index, tool_json, signed = event["index"], block["type"], next_index + 1, [], False
             if open_type == "tool_use":
                 assert block["input"] == {} and block["id"] and block["name"], block
+            elif open_type == "server_tool_use":
+                assert block["input"] == {} and block["id"].startswith("srvtoolu_") and block["name"] == "web_search"
+            elif open_type == "web_search_tool_result":     # whole in its start, no delta
+                assert block["tool_use_id"].startswith("srvtoolu_"), block
+                content = block["content"]
+                assert (isinstance(content, list) and all(r["type"] == "web_search_result" and r["url"] for r in content)) \
+                    or content["type"] == "web_search_tool_result_error", block
             elif open_type == "text":
                 assert block == {"type": "text", "text": ""}
             else:
@@ -105,7 +113,7 @@ def check_stream(frames):
                 assert delta["text"], "empty text_delta"
         elif kind == "content_block_stop":
             assert event["index"] == open_index, event
-            if open_type == "tool_use":
+            if open_type in ("tool_use", "server_tool_use"):
                 assert isinstance(json.loads("".join(tool_json)), dict), tool_json
             if open_type == "thinking":
                 assert signed, "thinking block closed without signature_delta"
@@ -4494,9 +4502,7 @@ def test_e2e_web_search_with_searxng(upstream, fake_search, stream, caplog):
     with running_proxy(upstream.url, web_search="searxng:" + searx.url) as server:
         client = Client(server)
         if stream:
-            response, payload = client.call("POST", "/v1/messages", e2e_search_request(stream=True))
-            assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
-            events = [data for _, data in parse_sse(payload)]
+            events = client.stream(e2e_search_request())          # the grammar, server blocks included
             assert [e["type"] for e in events][:2] == ["message_start", "ping"]
             assert events[-1]["type"] == "message_stop"
             message = cp.assemble_message(events)
@@ -4517,6 +4523,84 @@ def test_e2e_web_search_with_searxng(upstream, fake_search, stream, caplog):
     assert "What's New In Python 3.13" in json.dumps(second["messages"])
     assert status_page["searches"] == 1
     assert "searches=1" in caplog.text
+
+
+def test_e2e_web_search_stream_starts_before_the_search_answers(upstream, fake_search):
+    # The stream opens with the first block, while the search backend still works: the client
+    # sees message_start and server_tool_use at once, not after the whole loop.
+    searx = fake_search(hang=True)
+    upstream.script += [search_tool_call("slow query"), json_reply(completion({"content": "Nothing found."}))]
+    with running_proxy(upstream.url, web_search="searxng:" + searx.url) as server:
+        # (5 s: less than the fake backend's 10 s hang, so bytes held until the search ends fail)
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        conn.request("POST", "/v1/messages", body=json.dumps(e2e_search_request(stream=True)),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        seen = b""
+        while not (b'"type":"content_block_stop"' in seen and seen.endswith(b"\n\n")):
+            line = response.readline()
+            assert line, seen
+            seen += line
+        # (the backend cannot answer before `released` is set: these bytes came before its answer)
+        names = [name for name, _ in parse_sse(seen)]
+        assert names == ["message_start", "ping", "content_block_start", "content_block_delta", "content_block_stop"]
+        searx.released.set()                 # the backend gives up without an answer
+        events = check_stream(parse_sse(seen + response.read()))
+        conn.close()
+    message = cp.assemble_message(events)
+    assert [b["type"] for b in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert message["content"][1]["content"] == {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1} and len(searx.requests) == 1
+
+
+def test_e2e_web_search_stream_pings_while_the_model_works(upstream, fake_search):
+    gate = threading.Event()
+    answer = json_reply(completion({"content": "Python 3.13 adds a new REPL."}))
+
+    def held_answer(handler, body):          # the model's second call answers once the test saw a ping
+        gate.wait(10)
+        answer(handler, body)
+    upstream.script += [search_tool_call("python 3.13"), held_answer]
+    with running_proxy(upstream.url, web_search="searxng:" + fake_search(body=SEARXNG_BODY).url,
+                       ping_interval=0.05) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        conn.request("POST", "/v1/messages", body=json.dumps(e2e_search_request(stream=True)),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        seen = b""
+        while seen.count(b"event: ping") < 2 or not seen.endswith(b"\n\n"):   # message_start's, then the heartbeat's
+            line = response.readline()
+            assert line, seen
+            seen += line
+        gate.set()
+        events = check_stream(parse_sse(seen + response.read()))
+        conn.close()
+    types = [e["type"] for e in events]
+    assert types.index("ping", 2) > types.index("content_block_stop") and types[-1] == "message_stop"
+    assert [b["type"] for b in cp.assemble_message(events)["content"]] == [
+        "server_tool_use", "web_search_tool_result", "text"]
+
+
+def test_e2e_web_search_error_after_the_stream_started_is_an_error_event(upstream, fake_search):
+    searx = fake_search(body=SEARXNG_BODY)
+    upstream.script += [search_tool_call("python"), json_reply({"error": {"message": "invalid model"}}, 404),
+                        sse_text("next")]
+    with running_proxy(upstream.url, web_search="searxng:" + searx.url) as server:
+        client = Client(server)
+        response, payload = client.call("POST", "/v1/messages", e2e_search_request(stream=True))
+        assert response.status == 200
+        events = check_stream(parse_sse(payload))
+        assert [e["type"] for e in events if e["type"] == "content_block_start"] == ["content_block_start"] * 2
+        assert events[-1]["type"] == "error" and "invalid model" in events[-1]["error"]["message"]
+        assert [e["type"] for e in client.stream(claude_code_request())][-1] == "message_stop"   # same connection
+
+
+def test_e2e_web_search_first_call_failing_keeps_its_status(upstream, fake_search):
+    upstream.script.append(json_reply({"error": {"message": "slow down"}}, 429, {"retry-after": "7"}))
+    with running_proxy(upstream.url, web_search="searxng:" + fake_search(body=SEARXNG_BODY).url) as server:
+        status, headers, body = Client(server).json("POST", "/v1/messages", e2e_search_request(stream=True))
+    assert status == 429 and body["error"]["type"] == "rate_limit_error"
 
 
 def test_e2e_web_search_unset_says_how_to_turn_it_on(upstream, proxy):
