@@ -143,7 +143,8 @@ class Settings:
         60.0, "KEEPALIVE_TIMEOUT", "seconds an idle kept-alive client connection is kept open")
     web_search: str = _setting(
         "", "WEB_SEARCH", "backend the proxy runs Anthropic's web_search tool against: searxng:URL, "
-        "brave (BRAVE_API_KEY), tavily (TAVILY_API_KEY); unset: searches answer unavailable")
+        "brave (BRAVE_API_KEY), tavily (TAVILY_API_KEY), or upstream: the provider's own search "
+        "(OpenRouter, OpenAI search models and /responses, Perplexity); unset: searches answer unavailable")
     brave_api_key: str = _setting("", "BRAVE_API_KEY", "Brave Search API key (WEB_SEARCH=brave)")
     tavily_api_key: str = _setting("", "TAVILY_API_KEY", "Tavily API key (WEB_SEARCH=tavily)")
     web_search_timeout: float = _setting(
@@ -4233,6 +4234,9 @@ class Exchange:
         self.response: Optional[http.client.HTTPResponse] = None
         self.watch: Optional[Watched] = None
         self.writer: Optional[SSEWriter] = None        # a stream already started (web search): pings
+        # WEB_SEARCH=upstream: (upstream, model, wire, body) -> body, and the raw answer kept
+        self.adjust: Optional[Callable[["Upstream", str, str, Dict[str, Any]], Dict[str, Any]]] = None
+        self.raw: Dict[str, Any] = {}
         self.left = False                               # the heartbeat found the client gone
         self.input_estimate: Optional[int] = None
         self.translator: Any = None
@@ -4279,6 +4283,8 @@ class Exchange:
             self.upstream, self.model = upstream, model
             with wrong_types_are_400():
                 self.wire, body = upstream.build(self.request, model, self.upstream_stream, self.session)
+            if self.adjust is not None:
+                body = self.adjust(upstream, model, self.wire, body)
             try:
                 self.conn, self.response = upstream.send(body, self._on_sent, lambda: self.client_gone, self.wire)
                 return
@@ -4344,6 +4350,7 @@ class Exchange:
                              upstream_error_message(body.decode("utf-8", "replace"), "")) from None
         if not isinstance(completion, dict):
             raise ProxyError(502, "api_error", "upstream answer is not a JSON object")
+        self.raw = completion
         usage = completion.get("usage")
         if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens", usage.get("input_tokens")), int):
             ctx = self._context()
@@ -4425,7 +4432,7 @@ SEARCH_ERROR_CODES = ("unavailable", "too_many_requests", "max_uses_exceeded", "
 MAX_QUERY_CHARS = 400       # Brave's documented limit on q (400 characters, 50 words)
 SEARCH_RESULTS = 10
 DEFAULT_MAX_USES = 10       # when the tool names no max_uses
-WEB_SEARCH_BACKENDS = ("searxng:URL", "brave", "tavily")
+WEB_SEARCH_BACKENDS = ("searxng:URL", "brave", "tavily", "upstream")
 WEB_SEARCH_TOOL = {
     "name": "web_search",
     "description": "Search the web. Returns numbered results, each with its URL, title and a snippet "
@@ -4464,6 +4471,8 @@ def check_web_search(settings: Settings) -> None:
         url = urllib.parse.urlsplit(value.split(":", 1)[1] if ":" in value else "")
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("WEB_SEARCH=searxng:URL needs the instance's http(s) URL, got %r" % value)
+    elif kind == "upstream" and ":" not in value:
+        return
     elif kind in ("brave", "tavily") and ":" not in value:
         if not getattr(settings, kind + "_api_key"):
             raise ValueError("WEB_SEARCH=%s needs %s_API_KEY" % (kind, kind.upper()))
@@ -4756,6 +4765,130 @@ def run_web_search(request: Dict[str, Any], call_model: Callable[[Dict[str, Any]
             "model": request.get("model", answer.get("model", "")), "content": blocks,
             "stop_reason": stop, "stop_sequence": answer.get("stop_sequence"),
             "usage": dict(usage, server_tool_use={"web_search_requests": asked})}
+
+
+# WEB_SEARCH=upstream: the provider searches. One model call, with the provider's own search
+# switched on in the translated request (provider_search_body), and its citations turned into
+# the server blocks: OpenRouter's openrouter:web_search tool and OpenAI's search models give
+# `message.annotations` of url_citation; Perplexity gives `search_results` (and `citations`);
+# the Responses API's web_search tool gives web_search_call items and url_citation annotations.
+
+QUERY_PREFIX = "Perform a web search for the query: "
+
+
+def search_query(request: Dict[str, Any]) -> str:
+    """What the client asked to search: the last user message's text (Claude Code's wording
+    "Perform a web search for the query: …" gives just the query)."""
+    for message in reversed(request.get("messages") or ()):
+        if isinstance(message, dict) and message.get("role") == "user":
+            text = text_of(message.get("content")).strip()
+            return text[len(QUERY_PREFIX):].strip() if text.startswith(QUERY_PREFIX) else text
+    return ""
+
+
+def provider_search_body(body: Dict[str, Any], dialect: str, model: str, wire: str, origin: str,
+                         spec: Dict[str, Any]) -> Dict[str, Any]:
+    """A translated request with the provider's own web search turned on."""
+    allowed = [d for d in spec.get("allowed_domains") or () if isinstance(d, str)]
+    blocked = [d for d in spec.get("blocked_domains") or () if isinstance(d, str)]
+    body = dict(body)
+    if wire == "responses":
+        tool: Dict[str, Any] = {"type": "web_search"}
+        if allowed:
+            tool["filters"] = {"allowed_domains": allowed[:100]}
+        body["tools"] = list(body.get("tools") or ()) + [tool]
+    elif dialect == "openrouter":
+        parameters: Dict[str, Any] = {}
+        if allowed:
+            parameters["allowed_domains"] = allowed
+        elif blocked:
+            parameters["excluded_domains"] = blocked
+        body["tools"] = list(body.get("tools") or ()) + [{"type": "openrouter:web_search", "parameters": parameters}]
+    elif "perplexity" in origin or model.startswith("sonar") or "/sonar" in model:
+        domains = allowed or ["-" + d for d in blocked]          # Perplexity searches always
+        if domains:
+            body["search_domain_filter"] = domains[:20]
+    else:                                                          # OpenAI's search models
+        body["web_search_options"] = {}
+    return body
+
+
+def provider_citations(raw: Dict[str, Any]) -> Tuple[List[SearchResult], List[str]]:
+    """(the pages a provider's answer cites, the queries it says it ran) from a Chat Completion
+    or a Responses API answer."""
+    found: List[Optional[SearchResult]] = []
+    queries: List[str] = []
+    for item in raw.get("search_results") or ():              # Perplexity
+        if isinstance(item, dict):
+            found.append(_result(item.get("url"), item.get("title"), item.get("snippet"), item.get("date")))
+    for url in raw.get("citations") or ():
+        found.append(_result(url, None, None, None))
+    annotations: List[Any] = []
+    for choice in raw.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            annotations += message.get("annotations") or ()
+    for item in raw.get("output") or ():                       # Responses API
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "web_search_call":
+            action = item.get("action") if isinstance(item.get("action"), dict) else {}
+            if isinstance(action.get("query"), str):
+                queries.append(action["query"])
+        for part in item.get("content") or () if item.get("type") == "message" else ():
+            if isinstance(part, dict):
+                annotations += part.get("annotations") or ()
+    for note in annotations:
+        if isinstance(note, dict) and note.get("type") == "url_citation":
+            cited = note.get("url_citation") if isinstance(note.get("url_citation"), dict) else note
+            found.append(_result(cited.get("url"), cited.get("title"), cited.get("content"), None))
+    results, seen = [], set()
+    for result in found:
+        if result is not None and result.url not in seen:
+            seen.add(result.url)
+            results.append(result)
+    return results, queries
+
+
+def run_provider_search(request: Dict[str, Any],
+                        call_model: Callable[[Dict[str, Any]], Tuple[Dict[str, Any], Dict[str, Any]]],
+                        new_id: Callable[[str], str],
+                        on_block: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Answer a request that carries a web_search_* tool with the provider's own search:
+    `call_model(body)` gives (the Anthropic message, the provider's raw answer). The client
+    gets a server_tool_use and web_search_tool_result per query the provider reports (one for
+    the client's query when it reports none), then the answer."""
+    spec = web_search_spec(request) or {}
+    body = dict(request, stream=False, tools=[t for t in request.get("tools") or () if not is_web_search_tool(t)])
+    if not body["tools"]:
+        body.pop("tools")
+        body.pop("tool_choice", None)
+    answer, raw = call_model(body)
+    results, queries = provider_citations(raw)
+    results = filter_results(results, spec.get("allowed_domains") or (), spec.get("blocked_domains") or ())
+    blocks: List[Dict[str, Any]] = []
+
+    def emit(block: Dict[str, Any]) -> None:
+        blocks.append(block)
+        if on_block is not None:
+            on_block(block)
+
+    queries = queries or [search_query(request)]
+    for n, query in enumerate(queries):
+        server_id = new_id("srvtoolu_")
+        emit({"type": "server_tool_use", "id": server_id, "name": "web_search", "input": {"query": query}})
+        emit({"type": "web_search_tool_result", "tool_use_id": server_id, "content": [
+            {"type": "web_search_result", "url": r.url, "title": r.title, "encrypted_content": encode_page(r),
+             "page_age": r.page_age} for r in (results if n == len(queries) - 1 else ())]})
+    for block in answer.get("content") or ():
+        emit(block)
+    usage = answer.get("usage") or {}
+    return {"id": answer.get("id") or new_id("msg_"), "type": "message", "role": "assistant",
+            "model": request.get("model", answer.get("model", "")), "content": blocks,
+            "stop_reason": answer.get("stop_reason") or "end_turn", "stop_sequence": answer.get("stop_sequence"),
+            "usage": {"input_tokens": int(usage.get("input_tokens") or 0),
+                      "output_tokens": int(usage.get("output_tokens") or 0),
+                      "server_tool_use": {"web_search_requests": len(queries)}}}
 
 
 def web_search_block_events(block: Dict[str, Any], index: int) -> List[Dict[str, Any]]:
@@ -6133,19 +6266,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 start_stream().write(web_search_block_events(block, out["index"]))
                 out["index"] += 1
 
-        def call_model(body: Dict[str, Any]) -> Dict[str, Any]:
+        def call_model(body: Dict[str, Any], with_raw: bool = False) -> Any:
             with Exchange(self.server, body, self.connection, session) as exchange:
                 self.exchange = exchange
                 exchange.writer = out["writer"]          # pings while the model works
+                if with_raw:                             # WEB_SEARCH=upstream: the provider searches
+                    spec = web_search_spec(request) or {}
+                    exchange.adjust = lambda upstream, model, wire, sent: provider_search_body(
+                        sent, upstream.dialect_for(model).name, model, wire, upstream.origin, spec)
                 try:
                     exchange.open()
                 finally:
                     access.update(provider=exchange.upstream.name, upstream_model=exchange.model,
                                   failed=exchange.failed, api=exchange.wire)
-                return exchange.message()
+                message = exchange.message()
+                return (message, exchange.raw) if with_raw else message
 
         try:
-            message = run_web_search(request, call_model, make_search(self.server.settings), new_id, send_block)
+            if self.server.settings.web_search.strip().lower() == "upstream":
+                message = run_provider_search(request, lambda body: call_model(body, True), new_id, send_block)
+            else:
+                message = run_web_search(request, call_model, make_search(self.server.settings), new_id, send_block)
         except ProxyError as err:
             if out["writer"] is None or (self.exchange is not None and self.exchange.client_gone):
                 raise
@@ -6580,6 +6721,8 @@ class Doctor:
     def _search(self) -> None:
         """WEB_SEARCH set: one search on its backend."""
         search = make_search(self.settings)
+        if self.settings.web_search.strip().lower() == "upstream":
+            self.step(True, "search", "upstream: the provider's own search, with each model's request")
         if search is None:
             return
         try:

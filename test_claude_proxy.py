@@ -4603,6 +4603,89 @@ def test_e2e_web_search_first_call_failing_keeps_its_status(upstream, fake_searc
     assert status == 429 and body["error"]["type"] == "rate_limit_error"
 
 
+# WEB_SEARCH=upstream: the provider's own search
+
+OPENAI_CITATIONS = {"content": "Python 3.13 adds a new REPL [docs.python.org].", "annotations": [
+    {"type": "url_citation", "url_citation": {"url": "https://docs.python.org/3/whatsnew/3.13.html",
+                                              "title": "What's New In Python 3.13", "start_index": 0, "end_index": 10}},
+    {"type": "url_citation", "url_citation": {"url": "https://blog.spam.example/py", "title": "Spam",
+                                              "start_index": 11, "end_index": 20, "content": "ads"}},
+    {"type": "url_citation", "url_citation": {"url": "https://docs.python.org/3/whatsnew/3.13.html",
+                                              "title": "again", "start_index": 30, "end_index": 40}}]}
+
+
+def test_provider_search_body_turns_on_each_providers_search():
+    spec = {"type": "web_search_20250305", "name": "web_search", "allowed_domains": ["python.org"]}
+    blocked = {"type": "web_search_20250305", "name": "web_search", "blocked_domains": ["spam.example"]}
+    body = {"model": "m", "messages": [], "tools": [{"type": "function", "function": {"name": "Bash"}}]}
+    openrouter = cp.provider_search_body(body, "openrouter", "openai/gpt-5", "chat", "https://openrouter.ai", spec)
+    assert openrouter["tools"][1] == {"type": "openrouter:web_search", "parameters": {"allowed_domains": ["python.org"]}}
+    assert cp.provider_search_body(body, "openrouter", "x", "chat", "o", blocked)["tools"][1]["parameters"] == {
+        "excluded_domains": ["spam.example"]}
+    assert cp.provider_search_body(body, "generic", "sonar-pro", "chat", "https://api.perplexity.ai", blocked)[
+        "search_domain_filter"] == ["-spam.example"]
+    assert cp.provider_search_body(body, "openai", "gpt-4o-search-preview", "chat", "https://api.openai.com",
+                                   spec)["web_search_options"] == {}
+    responses = cp.provider_search_body({"model": "gpt-5", "input": []}, "openai", "gpt-5", "responses", "o", spec)
+    assert responses["tools"] == [{"type": "web_search", "filters": {"allowed_domains": ["python.org"]}}]
+    assert body["tools"] == [{"type": "function", "function": {"name": "Bash"}}]      # the original is untouched
+
+
+def test_provider_citations_from_each_answer_shape():
+    openai = {"choices": [{"message": OPENAI_CITATIONS}]}
+    results, queries = cp.provider_citations(openai)
+    assert [(r.url, r.title) for r in results] == [
+        ("https://docs.python.org/3/whatsnew/3.13.html", "What's New In Python 3.13"), ("https://blog.spam.example/py", "Spam")]
+    assert queries == []
+    perplexity = {"choices": [{"message": {"content": "x"}}], "citations": ["https://a.example/1", "https://b.example/2"],
+                  "search_results": [{"title": "A", "url": "https://a.example/1", "date": "2025-01-02", "snippet": "s"}]}
+    results, _ = cp.provider_citations(perplexity)
+    assert [(r.url, r.title, r.page_age) for r in results] == [
+        ("https://a.example/1", "A", "2025-01-02"), ("https://b.example/2", "https://b.example/2", None)]
+    responses = {"output": [
+        {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search", "query": "py 3.13"}},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "t", "annotations": [
+            {"type": "url_citation", "url": "https://docs.python.org/3/", "title": "Docs", "start_index": 0, "end_index": 1}]}]}]}
+    results, queries = cp.provider_citations(responses)
+    assert [r.url for r in results] == ["https://docs.python.org/3/"] and queries == ["py 3.13"]
+    assert cp.provider_citations({"choices": "bad", "output": [None, {"type": "message", "content": [7]}]}) == ([], [])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_e2e_web_search_upstream_openrouter(upstream, stream):
+    upstream.script.append(json_reply(completion(OPENAI_CITATIONS)))
+    request = e2e_search_request(tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8,
+                                         "blocked_domains": ["spam.example"]}])
+    with running_proxy(upstream.url, web_search="upstream", provider="openrouter") as server:
+        client = Client(server)
+        if stream:
+            message = cp.assemble_message(client.stream(request))
+        else:
+            status, _, message = client.json("POST", "/v1/messages", request)
+            assert status == 200, message
+    sent = upstream.requests[0]["body"]
+    assert sent["tools"] == [{"type": "openrouter:web_search", "parameters": {"excluded_domains": ["spam.example"]}}]
+    assert not sent.get("stream") and len(upstream.requests) == 1
+    assert [b["type"] for b in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert message["content"][0]["input"] == {"query": "python 3.13"}
+    assert [r["url"] for r in message["content"][1]["content"]] == ["https://docs.python.org/3/whatsnew/3.13.html"]
+    assert message["content"][2]["text"] == OPENAI_CITATIONS["content"]
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1}
+
+
+def test_e2e_web_search_upstream_perplexity_keeps_client_tools(upstream):
+    upstream.script.append(json_reply(dict(completion({"content": "Found it."}), search_results=[
+        {"title": "A", "url": "https://a.example/1", "date": "2025-01-02"}])))
+    request = e2e_search_request(model="claude-haiku-4-5")
+    request["tools"].append({"name": "Bash", "input_schema": {"type": "object"}})
+    with running_proxy(upstream.url, web_search="upstream", small_model="sonar-pro") as server:
+        status, _, message = Client(server).json("POST", "/v1/messages", request)
+    sent = upstream.requests[0]["body"]
+    assert status == 200 and sent["model"] == "sonar-pro" and "web_search_options" not in sent
+    assert [t["function"]["name"] for t in sent["tools"]] == ["Bash"]
+    assert message["content"][1]["content"][0]["page_age"] == "2025-01-02"
+
+
 def test_e2e_web_search_unset_says_how_to_turn_it_on(upstream, proxy):
     upstream.script += [search_tool_call("x"), json_reply(completion({"content": "No search was possible."}))]
     status, _, message = Client(proxy).json("POST", "/v1/messages", e2e_search_request())
