@@ -6222,13 +6222,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with wrong_types_are_400():
             request = validate_request(parse_json(body))
         session = (self.headers.get("x-claude-code-session-id") or "").strip()[:128]
+        if session:
+            self.access["session"] = session
         if web_search_spec(request) is not None:
             return self._web_search(request, session)
         exchange = self.exchange = Exchange(self.server, request, self.connection, session)
         access = self.access
         access.update(model=request["model"], stream=exchange.stream)
-        if session:
-            access["session"] = session
         if exchange.stream and not exchange.upstream_stream:
             access["upstream_whole"] = True
         with exchange:
@@ -6265,6 +6265,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if stream:
                 start_stream().write(web_search_block_events(block, out["index"]))
                 out["index"] += 1
+                access.setdefault("ttft", time.monotonic() - self.started)
 
         def call_model(body: Dict[str, Any], with_raw: bool = False) -> Any:
             with Exchange(self.server, body, self.connection, session) as exchange:

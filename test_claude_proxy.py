@@ -4502,12 +4502,13 @@ def test_e2e_web_search_with_searxng(upstream, fake_search, stream, caplog):
     with running_proxy(upstream.url, web_search="searxng:" + searx.url) as server:
         client = Client(server)
         if stream:
-            events = client.stream(e2e_search_request())          # the grammar, server blocks included
+            events = client.stream(e2e_search_request(), {"x-claude-code-session-id": "sess-42"})   # grammar checked
             assert [e["type"] for e in events][:2] == ["message_start", "ping"]
             assert events[-1]["type"] == "message_stop"
             message = cp.assemble_message(events)
         else:
-            status, _, message = client.json("POST", "/v1/messages", e2e_search_request())
+            status, _, message = client.json("POST", "/v1/messages", e2e_search_request(),
+                                             {"x-claude-code-session-id": "sess-42"})
             assert status == 200, message
         status_page = client.json("GET", "/status.json")[2]
     assert [b["type"] for b in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
@@ -4522,7 +4523,8 @@ def test_e2e_web_search_with_searxng(upstream, fake_search, stream, caplog):
     assert first["tools"][0]["function"]["name"] == "web_search" and not first.get("stream")
     assert "What's New In Python 3.13" in json.dumps(second["messages"])
     assert status_page["searches"] == 1
-    assert "searches=1" in caplog.text
+    line = next(r.getMessage() for r in caplog.records if "searches=1" in r.getMessage())
+    assert "session=sess-42" in line and ("ttft=" in line) == stream
 
 
 def test_e2e_web_search_stream_starts_before_the_search_answers(upstream, fake_search):
