@@ -1821,12 +1821,15 @@ class TextToolCalls:
         self.held = ""
         self.opener = ""
         self.fences = 0            # ``` sent as text: odd means inside a code block
-        self.tail = ""             # the last two characters sent as text
+        self.ticks = 0             # backticks that ended the text sent (a fence may go on)
         self.after_call = False    # whitespace right after a call is dropped
 
     def feed(self, text: str) -> List[Tuple[str, Any]]:
-        self.held += text
         out: List[Tuple[str, Any]] = []
+        if self.state == "text" and not self.held and "<" not in text and "[" not in text:
+            self._text(out, text)                 # the common case: plain text, nothing to hold
+            return out
+        self.held += text
         self._scan(out, False)
         return out
 
@@ -1840,8 +1843,13 @@ class TextToolCalls:
             text = text.lstrip()
             self.after_call = bool(not text)
         if text:
-            self.fences += (self.tail + text).count("```")   # a fence may be split across pieces
-            self.tail = (self.tail + text)[-2:].lstrip("`") if text.endswith("```") else (self.tail + text)[-2:]
+            if "`" in text:                      # a fence may be split across pieces
+                joined = "`" * self.ticks + text
+                self.fences += joined.count("```")
+                ticks = len(joined) - len(joined.rstrip("`"))
+                self.ticks = ticks if ticks < 3 else 0
+            else:
+                self.ticks = 0
             if out and out[-1][0] == "text":
                 out[-1] = ("text", out[-1][1] + text)
             else:
@@ -1875,11 +1883,14 @@ class TextToolCalls:
             elif self.state == "text":
                 found = [(self.held.find(o), o) for o in TEXT_CALL_OPENERS if o in self.held]
                 if not found:
-                    keep = 0 if final else next((n for n in range(max(map(len, TEXT_CALL_OPENERS)) - 1, 0, -1)
-                                                 if any(o.startswith(self.held[-n:]) for o in TEXT_CALL_OPENERS)
-                                                 and len(self.held) >= n), 0)
-                    self._text(out, self.held[:len(self.held) - keep])
-                    self.held = self.held[len(self.held) - keep:]
+                    # Only a tail that starts at the last "<" or "[" can begin an opener (no opener
+                    # has either character after its first).
+                    start = max(self.held.rfind("<"), self.held.rfind("["))
+                    tail = self.held[start:] if start >= 0 and not final else ""
+                    if not any(o.startswith(tail) for o in TEXT_CALL_OPENERS):
+                        tail = ""
+                    self._text(out, self.held[:len(self.held) - len(tail)])
+                    self.held = tail
                     return
                 at, opener = min(found)
                 self._text(out, self.held[:at])
@@ -2165,6 +2176,7 @@ class StreamTranslator:
     def __init__(self, ctx: ResponseContext, new_tool_id: Callable[[], str]) -> None:
         self.ctx = ctx
         self.state = "idle"                        # idle, thinking, text, tool or ended
+        self.ended = False                         # state == "ended", read once per chunk
         self.next_index = 0
         self.current: Optional[_ToolCall] = None   # the open call, in state "tool"
         self.thinking: List[str] = []              # the open thinking block's text, for its signature
@@ -2182,10 +2194,6 @@ class StreamTranslator:
         self.result: Optional[StreamEnd] = None    # set once ended
         self.chunks_seen = 0
         self.usage_last = False                    # the last chunk carried usage and no choices
-
-    @property
-    def ended(self) -> bool:
-        return self.state == "ended"
 
     # -- events ---------------------------------------------------------------------------
 
@@ -2294,14 +2302,14 @@ class StreamTranslator:
                        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                        "usage": usage})
         events.append({"type": "message_stop"})
-        self.state = "ended"
+        self.state, self.ended = "ended", True
         self.result = StreamEnd(stop_reason, stop_sequence, usage)
         return events
 
     def fail(self, error_type: str, message: str) -> List[Dict[str, Any]]:
         if self.state == "ended":
             return []
-        self.state = "ended"
+        self.state, self.ended = "ended", True
         error = {"type": error_type, "message": message}
         self.result = StreamEnd(error=error)
         return [{"type": "error", "error": error}]
@@ -2359,6 +2367,10 @@ class StreamTranslator:
         if self.deferred or self._tool_incomplete():
             self.deferred.append(("text", text))
             return
+        if self.think.state == "done":           # the common case: no <think> section to find
+            if self.text_calls is None:
+                return self._text(text, events)
+            return self._text_pieces(self.text_calls.feed(text), events)
         for kind, piece in self.think.feed(text):
             (self._thinking if kind == "thinking" else self._answer)(piece, events)
 
