@@ -1109,8 +1109,10 @@ def upstream_tools(request: Dict[str, Any]) -> List[Dict[str, Any]]:
     schemas): no server tool, and no defer_loading tool until a tool_reference in the
     conversation has loaded it, as at Anthropic. Shared by to_openai and estimate_tokens, so
     the estimate counts what is sent."""
-    loaded = loaded_tool_names(request.get("messages") or ())
-    return [_function_tool(tool) for tool in request.get("tools") or ()
+    tools = request.get("tools") or ()
+    deferred = any(isinstance(tool, dict) and tool.get("defer_loading") for tool in tools)
+    loaded = loaded_tool_names(request.get("messages") or ()) if deferred else frozenset()
+    return [_function_tool(tool) for tool in tools
             if _is_function_tool(tool) and not (tool.get("defer_loading") and tool["name"] not in loaded)]
 
 
@@ -1915,6 +1917,8 @@ class TextToolCalls:
 
 def split_text_calls(text: str, tools: Mapping[str, Any]) -> Tuple[str, List[TextCall]]:
     """(the text left, the calls) of a whole answer, by TextToolCalls."""
+    if "<" not in text and "[" not in text and not text.lstrip().startswith("{"):
+        return text, []                          # no opener, no bare JSON: nothing to look for
     splitter = TextToolCalls(tools)
     pieces = splitter.feed(text) + splitter.flush()
     return "".join(p for kind, p in pieces if kind == "text"), [p for kind, p in pieces if kind == "call"]
