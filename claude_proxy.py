@@ -139,6 +139,9 @@ class Settings:
         "on", "TEXT_TOOL_CALLS", "on: a tool call a model wrote as text (<tool_call>, [TOOL_CALLS], "
         "<|python_tag|>, or an answer that is only such JSON) to an offered tool becomes a tool_use "
         "block, as local servers without a tool parser leave them; off: text stays text")
+    failover_timeout: float = _setting(
+        60.0, "FAILOVER_TIMEOUT", "seconds a streamed request waits for a provider to start answering "
+        "when another provider follows it in the model's chain (0: REQUEST_TIMEOUT)")
     keepalive_timeout: float = _setting(
         60.0, "KEEPALIVE_TIMEOUT", "seconds an idle kept-alive client connection is kept open")
     web_search: str = _setting(
@@ -3771,11 +3774,12 @@ class UpstreamPool:
 
     def post(self, path: str, body: bytes, headers: Dict[str, str],
              on_sent: Optional[Callable[[http.client.HTTPConnection], None]] = None,
-             abandoned: Callable[[], bool] = lambda: False
+             abandoned: Callable[[], bool] = lambda: False, head_timeout: float = 0.0
              ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a POST and read the status line and headers. Raises ProxyError.
         `on_sent(conn)` runs each time the request is sent, while the upstream works on it;
-        `abandoned()` says the client left (and we closed the connection ourselves)."""
+        `abandoned()` says the client left (and we closed the connection ourselves);
+        `head_timeout` (when shorter than the read timeout) bounds the wait for the head."""
         target = self.url_path(path)
         for attempt in (1, 2):
             conn = None
@@ -3785,6 +3789,18 @@ class UpstreamPool:
                 self.send_request(conn, target, headers, body)
                 if on_sent is not None:
                     on_sent(conn)
+                if 0 < head_timeout < self.read_timeout:
+                    set_io_timeout(conn.sock, head_timeout)
+                    try:
+                        response = conn.getresponse()
+                    except socket.timeout:
+                        conn.close()
+                        error = ProxyError(504, "timeout_error", "upstream %s had not started to answer after %gs "
+                                           "(FAILOVER_TIMEOUT)" % (self.origin, head_timeout))
+                        error.kind = "timeout"
+                        raise error from None
+                    set_io_timeout(conn.sock, self.read_timeout)
+                    return conn, response
                 return conn, conn.getresponse()
             except STALE_CONNECTION_ERRORS as exc:
                 if conn is not None:
@@ -3968,7 +3984,7 @@ class Upstream:
     # -- the exchange with it ---------------------------------------------------------------
 
     def send(self, body: Dict[str, Any], on_sent: Callable[[Optional[http.client.HTTPConnection]], None],
-             abandoned: Callable[[], bool] = lambda: False, wire: str = "chat"
+             abandoned: Callable[[], bool] = lambda: False, wire: str = "chat", head_timeout: float = 0.0
              ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """POST the request; an answer other than 200 becomes a ProxyError. When the upstream
         answers 400 naming a parameter or a limit the model cannot take, the request is fixed
@@ -3986,7 +4002,8 @@ class Upstream:
                 log.debug("upstream request: %s%s", "" if self.name == DEFAULT_PROVIDER else "(%s) " % self.name,
                           describe_request(body))
             key = self.keys.pick(time.monotonic())
-            conn, response = self.pool.post(self.paths[wire], json_bytes(body), self.headers[key], on_sent, abandoned)
+            conn, response = self.pool.post(self.paths[wire], json_bytes(body), self.headers[key], on_sent, abandoned,
+                                            head_timeout)
             if response.status == 200:
                 if learned is not None:          # remembered only once the fix worked
                     self.learn(str(model), *learned)
@@ -4302,7 +4319,12 @@ class Exchange:
             if self.adjust is not None:
                 body = self.adjust(upstream, model, self.wire, body)
             try:
-                self.conn, self.response = upstream.send(body, self._on_sent, lambda: self.client_gone, self.wire)
+                # A streamed answer starts at once; a provider that has not started within
+                # FAILOVER_TIMEOUT gives way to the next one in the chain.
+                head_timeout = self.server.settings.failover_timeout \
+                    if self.upstream_stream and position < len(candidates) - 1 else 0.0
+                self.conn, self.response = upstream.send(body, self._on_sent, lambda: self.client_gone, self.wire,
+                                                         head_timeout)
                 return
             except ProxyError as err:
                 kind = failover_kind(err)

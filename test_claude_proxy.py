@@ -4183,6 +4183,38 @@ def test_unreachable_and_silent_providers_fail_over_too(upstream, second):
     assert answer["content"][0]["text"] == "after a refusal"
 
 
+def test_a_provider_that_does_not_start_a_stream_gives_way_within_failover_timeout(upstream, second, caplog):
+    # REQUEST_TIMEOUT stays long (a model may think for minutes once it has started); a provider
+    # that has not started a stream within FAILOVER_TIMEOUT hands the request to the next one.
+    caplog.set_level(logging.INFO, logger="claude_proxy")
+    silent = threading.Event()
+    upstream.script.append(lambda handler, body: silent.wait(10))
+    second.script.append(sse_text("from the second"))
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url, "REQUEST_TIMEOUT": "600",
+                    "FAILOVER_TIMEOUT": "0.3", "BIG_MODEL": "gpt-5,backup/b"}) as server:
+        events = Client(server).stream(req())
+    silent.set()
+    assert "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta") == "from the second"
+    assert "failed: default timeout" in caplog.text           # (not the closed connection 10 s later)
+    assert "FAILOVER_TIMEOUT" in server.router.upstream("default").last_error
+
+
+def test_failover_timeout_spares_the_last_provider_and_whole_answers(upstream, second):
+    # The last provider of a chain (or the only one), and a request for a whole answer, wait
+    # REQUEST_TIMEOUT for the head as before.
+    def slow_answer(handler, body):             # a provider slower than FAILOVER_TIMEOUT
+        threading.Event().wait(0.3)
+        json_text("slow but whole")(handler, body)
+    upstream.script += [slow_answer, slow_answer]
+    with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url, "FAILOVER_TIMEOUT": "0.05",
+                    "BIG_MODEL": "gpt-5,backup/b", "SMALL_MODEL": "gpt-5-mini"}) as server:
+        client = Client(server)
+        events = client.stream(req(model="claude-haiku-4-5"))                  # its chain has one provider
+        status, _, message = client.json("POST", "/v1/messages", req())       # a whole answer, in a chain
+    assert "slow but whole" in json.dumps(events)
+    assert status == 200 and message["content"][0]["text"] == "slow but whole" and not second.requests
+
+
 def test_no_failover_on_a_bad_request_or_after_the_stream_began(upstream, second):
     upstream.script.extend([failing(400), sse_reply([chunk({"content": "half"})], done=False)])
     with proxy_for({"OPENAI_BASE_URL": upstream.url, "BACKUP_BASE_URL": second.url,
