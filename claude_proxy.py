@@ -2162,18 +2162,18 @@ class StreamTranslator:
     The state is one variable, ``self.state``: the kind of the one open content block, or
     "idle" between blocks, or "ended"::
 
-                 reasoning                 content                    tool call
-        idle ──────────────▶ thinking ──────────────▶ text ──────────────────▶ tool ─┐
-         ▲ ▲                                           ▲                        ▲     │ next
-         │ └───────────────────────────────────────────┴────────────────────────┴─────┘ call
-         └─ (opening any block closes the open one: thinking with a signature_delta,
-             a tool call that sent no arguments with "{}")
-        any ── finish ──▶ close the open block, message_delta, message_stop ──▶ ended
+        idle ──┬── reasoning ──▶ thinking ┐   from a block state, content of another kind
+               ├── content ────▶ text     ├─  opens its block (the open one is closed first:
+               └── tool call ──▶ tool ────┘   thinking with a signature_delta, a call that
+                                              sent no arguments with "{}"); tool ── the next
+                                              call ──▶ tool
+        idle, thinking, text, tool ── finish ──▶ close the open block, message_delta,
+                                                 message_stop ──▶ ended
         any ── error chunk / cut stream / fail ──▶ error event (no message_stop) ──▶ ended
 
     Exactly one block is open at a time and indices go 0, 1, 2. Content goes through a
-    ThinkSplitter (a leading <think>…</think> is thinking); tool-call fragments through
-    ToolCalls. The open call's fragments go out as they arrive. A call that starts while
+    ThinkSplitter (a leading <think>…</think> is thinking), then, when tools were offered,
+    TextToolCalls (calls a model wrote as text); tool-call fragments go through ToolCalls. The open call's fragments go out as they arrive. A call that starts while
     another is still open (interleaved parallel calls) waits, buffered, until the open call's
     arguments form complete JSON or the stream ends; so does text or reasoning that arrives in
     the middle of a call's arguments (``deferred``), since opening its block would cut the call
