@@ -1510,6 +1510,8 @@ def fix_from_error(body: Dict[str, Any], message: str, param: Any = None) -> Tup
 # - finish_reason -> stop_reason by the table; any tool call means `tool_use` (providers send
 #   "stop" after tool calls), except `length`, which stays `max_tokens`.
 # - Usage: cached prompt tokens are reported as cache_read_input_tokens, not in input_tokens.
+# - Content that opens with <think>…</think> is reasoning (ThinkSplitter); a tool call the model
+#   wrote as text, to an offered tool, is a tool call (TextToolCalls, TEXT_TOOL_CALLS).
 
 FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                   "function_call": "tool_use", "content_filter": "refusal"}
@@ -4464,6 +4466,7 @@ def new_tool_id() -> str:
 # WEB_SEARCH and answered as a tool result; the client gets `server_tool_use` and
 # `web_search_tool_result` blocks, then the model's answer. Backends get their I/O injected (an
 # UpstreamPool each, so the proxy and CA settings apply) and raise only SearchError.
+# WEB_SEARCH=upstream instead lets the provider search (run_provider_search, below).
 
 SEARCH_ERROR_CODES = ("unavailable", "too_many_requests", "max_uses_exceeded", "query_too_long",
                       "invalid_tool_input")
