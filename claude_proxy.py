@@ -24,9 +24,10 @@ people and monitoring, the live status page (``GET /`` from a browser), its data
 
 Layout (each section under a banner; data flows down the list once):
 Configuration (Settings, providers and tier chains), Errors, Request (to_openai), Response
-(to_anthropic), Stream (StreamTranslator, encode_sse), Responses API (to_responses,
-ResponsesStreamTranslator), Tokens, Upstream I/O (Upstream, Router), Exchange (one request,
-translate_sse), Status, HTTP server (Handler), Speed-ups (install_speedups), Command line.
+(to_anthropic, ThinkSplitter, TextToolCalls), Stream (ToolCalls, StreamTranslator, encode_sse),
+Responses API (to_responses, ResponsesStreamTranslator), Tokens, Upstream I/O (Upstream,
+Router), Exchange (one request, translate_sse), Web search (run_web_search,
+run_provider_search), Status, HTTP server (Handler), Speed-ups (install_speedups), Command line.
 Nothing above "Upstream I/O" touches sockets, the environment, the clock or random ids, and
 `import claude_proxy` changes nothing in the process (main() installs the speed-ups).
 """
