@@ -4860,16 +4860,16 @@ def provider_citations(raw: Dict[str, Any]) -> Tuple[List[SearchResult], List[st
     or a Responses API answer."""
     found: List[Optional[SearchResult]] = []
     queries: List[str] = []
-    for item in raw.get("search_results") or ():              # Perplexity
+    for item in raw.get("search_results") or () if isinstance(raw.get("search_results"), list) else ():
         if isinstance(item, dict):
             found.append(_result(item.get("url"), item.get("title"), item.get("snippet"), item.get("date")))
-    for url in raw.get("citations") or ():
+    for url in raw.get("citations") if isinstance(raw.get("citations"), list) else ():   # Perplexity
         found.append(_result(url, None, None, None))
     annotations: List[Any] = []
     for choice in raw.get("choices") or ():
         message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            annotations += message.get("annotations") or ()
+        if isinstance(message, dict) and isinstance(message.get("annotations"), list):
+            annotations += message["annotations"]
     for item in raw.get("output") or ():                       # Responses API
         if not isinstance(item, dict):
             continue
@@ -4878,8 +4878,8 @@ def provider_citations(raw: Dict[str, Any]) -> Tuple[List[SearchResult], List[st
             if isinstance(action.get("query"), str):
                 queries.append(action["query"])
         for part in item.get("content") or () if item.get("type") == "message" else ():
-            if isinstance(part, dict):
-                annotations += part.get("annotations") or ()
+            if isinstance(part, dict) and isinstance(part.get("annotations"), list):
+                annotations += part["annotations"]
     for note in annotations:
         if isinstance(note, dict) and note.get("type") == "url_citation":
             cited = note.get("url_citation") if isinstance(note.get("url_citation"), dict) else note

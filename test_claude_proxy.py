@@ -4682,7 +4682,10 @@ def test_provider_citations_from_each_answer_shape():
             {"type": "url_citation", "url": "https://docs.python.org/3/", "title": "Docs", "start_index": 0, "end_index": 1}]}]}]}
     results, queries = cp.provider_citations(responses)
     assert [r.url for r in results] == ["https://docs.python.org/3/"] and queries == ["py 3.13"]
-    assert cp.provider_citations({"choices": "bad", "output": [None, {"type": "message", "content": [7]}]}) == ([], [])
+    for bad in ({"choices": "bad", "output": [None, {"type": "message", "content": [7]}]}, {"citations": "https://x"},
+                {"search_results": {"url": 1}}, {"choices": [{"message": {"annotations": 5}}]},
+                {"output": [{"type": "message", "content": [{"annotations": 3}]}]}):
+        assert cp.provider_citations(bad) == ([], []), bad
 
 
 @pytest.mark.parametrize("stream", [False, True])
